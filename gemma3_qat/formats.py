@@ -1,0 +1,339 @@
+"""The numerics of the three QAT weight formats: the single source of truth.
+
+Both the fake-quantizer (training) and the exporters call these functions, which is what makes an export
+bit-exact with the weights the student was trained with. The rules are ported from the runtimes, see
+``shared/specs/formats.md``:
+
+* ``int4-block``   llama.cpp Q4_0 (``quantize_row_q4_0_ref``): blocks of 32 consecutive input features of one
+                   output row, scale from the SIGNED extreme ``d = m / -8``, codes from the unrounded fp32
+                   reciprocal ``q = min(15, trunc(x * (1/d) + 8.5))``, stored scale ``fp16(d)``.
+* ``int4-channel`` the same rule with the block = the whole row (one fp16 scale per output channel).
+* ``sfp8``         gemma.cpp switched floating point, production encoder (truncate to 6 explicit mantissa bits,
+                   then round half to even to 3 (large) or 2 (small) bits), with ``ScaleWeights``' per-tensor scale.
+
+All math is fp32 whatever the weight's dtype, vectorised torch, on the weight's own device (CPU or CUDA).
+A weight is a 2-D ``[out, in]`` tensor as ``nn.Linear`` and ``nn.Embedding`` hold it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "FormatError",
+    "QuantizedWeight",
+    "WeightFormat",
+    "Int4Block",
+    "Int4Channel",
+    "SFP8",
+    "FORMATS",
+    "get_format",
+    "fake_quantize",
+    "q4_0_blocks",
+    "SFP8_DECODE_TABLE",
+]
+
+Q4_0_BLOCK = 32  # weights per Q4_0 block (ggml QK4_0)
+Q4_0_BLOCK_BYTES = 18  # fp16 scale + 16 bytes of nibbles
+SFP_MAX = 1.875  # gemma.cpp SfpStream::kMax: the largest SFP magnitude
+FP16_MAX = 65504.0
+
+
+class FormatError(ValueError):
+    """A weight that a format cannot represent (bad shape, non-finite, out of range)."""
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight as the runtime stores it.
+
+    ``codes``:  int4 formats: uint8 ``q`` in [0, 15] per weight, shape ``[out, in]`` (value ``(q - 8) * scale``);
+                sfp8: the SFP byte per weight, shape ``[out, in]``.
+    ``scales``: int4-block: fp16 ``[out, in // 32]``; int4-channel: fp16 ``[out, 1]``; sfp8: fp32 scalar (the
+                ``ScaleWeights`` per-tensor scale).
+    """
+
+    format: str
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+
+def _as_fp32_matrix(weight: torch.Tensor) -> torch.Tensor:
+    if weight.dim() != 2:
+        raise FormatError(f"expected a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+    return weight.detach().to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# int4: the Q4_0 rule over blocks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _q4_0_rule(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 over the last axis of fp32 ``blocks``: returns (q uint8 in [0, 15], stored scale fp16).
+
+    Blocks whose stored scale is zero (all-zero blocks, or blocks so small that ``fp16(d)`` underflows) get the
+    canonical codes 8: their value is 0 either way, and 8 is what re-quantizing those zeros gives.
+    """
+    imax = blocks.abs().argmax(dim=-1, keepdim=True)  # first occurrence of the largest |x|
+    m = torch.gather(blocks, -1, imax)  # the SIGNED extreme
+    d = m / -8.0
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)  # reciprocal of the UNROUNDED fp32 d
+    # Separate multiply and add (eager torch never fuses them into an FMA), then truncation toward zero.
+    q = torch.trunc(blocks * inv + 8.5).clamp_(0, 15)
+    scale = d.to(torch.float16)
+    if torch.isinf(scale).any():
+        worst = blocks.abs().max().item()
+        raise FormatError(
+            f"weight magnitude {worst:.6g} is too large for an fp16 int4 scale (|w| must stay below "
+            f"{8 * FP16_MAX:.0f}); rescale the weight or keep this tensor unquantized"
+        )
+    q = torch.where(scale == 0, torch.full_like(q, 8.0), q)
+    return q.to(torch.uint8), scale
+
+
+def _int4_values(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Dequantize codes ``q`` in [0, 15] with fp16 scales broadcast over the last axis: ``(q - 8) * D`` in fp32."""
+    return (q.to(torch.float32) - 8.0) * scale.to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SFP8: gemma.cpp's switched floating point
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _pow2(exponent: torch.Tensor) -> torch.Tensor:
+    """Exact 2**exponent in fp32 for integer exponents in the normal range [-126, 127]."""
+    return ((exponent.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def sfp8_scale(weight32: torch.Tensor) -> torch.Tensor:
+    """gemma.cpp ``ScaleWeights``: 1 if max|w| <= 1.875, else max|w| / 1.875 (fp32). A 0-d fp32 tensor."""
+    maxabs = weight32.abs().max() if weight32.numel() else weight32.new_zeros(())
+    return torch.where(maxabs <= SFP_MAX, torch.ones_like(maxabs), maxabs / SFP_MAX)
+
+
+def _sfp8_magnitudes(a: torch.Tensor) -> torch.Tensor:
+    """The production encoder on magnitudes ``a`` in [0, 1.875]: returns the representable magnitude ``r``."""
+    # gemma.cpp truncates f32 -> bf16 and then drops one more mantissa bit: keep 6 explicit mantissa bits.
+    a6 = (a.view(torch.int32) & -131072).view(torch.float32)  # 0xFFFE0000 as a signed int32
+    _, ex = torch.frexp(a6)  # a6 = f * 2**ex, f in [0.5, 1)
+    e = (ex - 1).clamp_(min=-30)  # below 2**-30 everything flushes to zero anyway; keeps _pow2 in range
+    mbits = torch.where(a6 >= 2.0**-7, 3, 2)
+    r = torch.round(a6 * _pow2(mbits - e)) * _pow2(e - mbits)  # round half to even; exact power-of-2 scaling
+    r = torch.where(r < 2.0**-23, torch.zeros_like(r), r)  # underflow flushes to zero
+    r = torch.where(r == 2.0**-23, torch.full_like(r, 1.25 * 2.0**-23), r)  # mantissa 0 at E=0 is the zero code
+    return r
+
+
+def _sfp8_codes(r: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """SFP byte of representable magnitudes ``r`` with the sign of ``negative`` (zero is always code 0)."""
+    _, ex = torch.frexp(r)
+    e = ex - 1
+    frac = r * _pow2(-e.clamp(min=-126))  # in [1, 2)
+    large = r >= 2.0**-7
+    code_large = 0x40 | ((e + 15 - 8) << 3) | (frac * 8 - 8).to(torch.int32)
+    code_small = ((e + 23) << 2) | (frac * 4 - 4).to(torch.int32)
+    code = torch.where(large, code_large, code_small)
+    code = torch.where(r == 0, torch.zeros_like(code), code)
+    code = torch.where(negative & (r != 0), code | 0x80, code)
+    return code.to(torch.uint8)
+
+
+def _sfp8_decode_table() -> torch.Tensor:
+    table = torch.zeros(256, dtype=torch.float32)
+    for code in range(256):
+        mag = code & 0x7F
+        if mag == 0:
+            continue  # zero, and the reserved "-0" code 0x80
+        if mag & 0x40:
+            value = (1 + (mag & 7) / 8) * 2.0 ** (((mag >> 3) & 7) + 8 - 15)
+        else:
+            value = (1 + (mag & 3) / 4) * 2.0 ** ((mag >> 2) - 23)
+        table[code] = -value if code & 0x80 else value
+    return table
+
+
+SFP8_DECODE_TABLE = _sfp8_decode_table()  # code -> value at scale 1 (255 distinct values)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The formats
+# --------------------------------------------------------------------------------------------------------------
+
+
+class WeightFormat:
+    """One QAT weight format: quantize -> codes + scales, dequantize, and the fake-quantized values."""
+
+    name: str = ""
+    bits_per_weight: float = 0.0  # as stored in its compact container
+    summary: str = ""
+    runtimes: str = ""
+    gguf_type: str = ""  # how the weights go into a GGUF file
+
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 2:
+            raise FormatError(f"{self.name} quantizes 2-D [out, in] weights, got shape {tuple(shape)}")
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        raise NotImplementedError
+
+    def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fake_quantize_values(self, weight: torch.Tensor) -> torch.Tensor:
+        """``dequantize(quantize(weight))`` in fp32, computed without materialising the codes' storage."""
+        return self.dequantize(self.quantize(weight))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Int4Block(WeightFormat):
+    name = "int4-block"
+    bits_per_weight = 4.5  # 18 bytes per 32 weights
+    summary = "int4, one fp16 scale per 32 weights (llama.cpp Q4_0, bit-exact)"
+    runtimes = "llama.cpp / Ollama / LM Studio (GGUF Q4_0), vLLM (compressed-tensors W4A16 group 32)"
+    gguf_type = "Q4_0"
+
+    def check_shape(self, shape):
+        super().check_shape(shape)
+        if shape[1] % Q4_0_BLOCK:
+            raise FormatError(
+                f"{self.name} needs the input dimension to be a multiple of {Q4_0_BLOCK}, got shape {tuple(shape)}; "
+                "keep this tensor unquantized or use int4-channel"
+            )
+
+    def _blocks(self, weight: torch.Tensor) -> torch.Tensor:
+        self.check_shape(tuple(weight.shape))
+        w = _as_fp32_matrix(weight)
+        return w.reshape(w.shape[0], w.shape[1] // Q4_0_BLOCK, Q4_0_BLOCK)
+
+    def quantize(self, weight):
+        blocks = self._blocks(weight)
+        q, scale = _q4_0_rule(blocks)
+        return QuantizedWeight(self.name, q.reshape(weight.shape), scale.squeeze(-1))
+
+    def dequantize(self, qw):
+        out, n = qw.codes.shape
+        q = qw.codes.reshape(out, n // Q4_0_BLOCK, Q4_0_BLOCK)
+        return _int4_values(q, qw.scales.unsqueeze(-1)).reshape(out, n)
+
+    def fake_quantize_values(self, weight):
+        blocks = self._blocks(weight)
+        q, scale = _q4_0_rule(blocks)
+        return _int4_values(q, scale).reshape(weight.shape)
+
+
+class Int4Channel(WeightFormat):
+    name = "int4-channel"
+    bits_per_weight = 4.0  # plus one fp16 scale per row (compact containers); GGUF stores it as Q4_0 (4.5)
+    summary = "int4, one fp16 scale per output channel (Q4_0's rule over the whole row)"
+    runtimes = "vLLM (compressed-tensors W4A16 channel), llama.cpp as Q4_0 with the row scale in every block"
+    gguf_type = "Q4_0"
+
+    def quantize(self, weight):
+        self.check_shape(tuple(weight.shape))
+        q, scale = _q4_0_rule(_as_fp32_matrix(weight))
+        return QuantizedWeight(self.name, q, scale)
+
+    def dequantize(self, qw):
+        return _int4_values(qw.codes, qw.scales)
+
+    def fake_quantize_values(self, weight):
+        self.check_shape(tuple(weight.shape))
+        q, scale = _q4_0_rule(_as_fp32_matrix(weight))
+        return _int4_values(q, scale)
+
+
+class SFP8(WeightFormat):
+    name = "sfp8"
+    bits_per_weight = 8.0  # plus one fp32 scale per tensor
+    summary = "switched floating point, 1 byte per weight + 1 scale per tensor (gemma.cpp SFP)"
+    runtimes = "gemma.cpp (SFP), safetensors codes + scale; GGUF as exact BF16/F32 values (no SFP type)"
+    gguf_type = "BF16/F32 (exact values) or Q8_0 (lossy)"
+
+    def _magnitudes(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.check_shape(tuple(weight.shape))
+        w = _as_fp32_matrix(weight)
+        s = sfp8_scale(w)
+        if bool(s == 1):  # max|w| <= 1.875: no scaling
+            a = w.abs()
+        else:
+            inv = (1.0 / s.double()).float()  # gemma.cpp: float(1.0 / double(scale))
+            a = (w * inv).abs().clamp_(max=SFP_MAX)
+        return w, _sfp8_magnitudes(a), s
+
+    def quantize(self, weight):
+        w, r, s = self._magnitudes(weight)
+        return QuantizedWeight(self.name, _sfp8_codes(r, w < 0), s)
+
+    def dequantize(self, qw):
+        return SFP8_DECODE_TABLE.to(qw.codes.device)[qw.codes.long()] * qw.scales
+
+    def fake_quantize_values(self, weight):
+        w, r, s = self._magnitudes(weight)
+        return torch.where((w < 0) & (r != 0), -r, r) * s  # never -0
+
+
+FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Int4Block(), Int4Channel(), SFP8())}
+
+
+def get_format(name: str | WeightFormat) -> WeightFormat:
+    if isinstance(name, WeightFormat):
+        return name
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise FormatError(f"unknown format {name!r}; choose one of: {', '.join(FORMATS)}") from None
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the fake-quantized values. Backward: the gradient passes to the latent weight unchanged."""
+
+    @staticmethod
+    def forward(ctx, latent: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        return quantized.view_as(quantized)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def straight_through(latent: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """``quantized`` in the forward pass, identity gradient to ``latent`` in the backward pass."""
+    if torch.is_grad_enabled() and latent.requires_grad:
+        return _StraightThrough.apply(latent, quantized)
+    return quantized
+
+
+def fake_quantize(weight: torch.Tensor, fmt: str | WeightFormat) -> torch.Tensor:
+    """``dequantize(quantize(weight))`` in the weight's dtype, with a straight-through gradient."""
+    values = get_format(fmt).fake_quantize_values(weight).to(weight.dtype)
+    return straight_through(weight, values)
+
+
+def q4_0_blocks(qw: QuantizedWeight) -> np.ndarray:
+    """The GGUF/ggml Q4_0 bytes of an int4 weight: uint8 ``[out, in // 32 * 18]``.
+
+    Per block: the fp16 scale (little-endian), then 16 bytes, byte ``j`` = element ``j`` (low nibble) and element
+    ``j + 16`` (high nibble). An int4-channel weight repeats its row scale in every block: exact, never re-derived.
+    """
+    if qw.format not in ("int4-block", "int4-channel"):
+        raise FormatError(f"Q4_0 blocks hold int4 weights, not {qw.format}")
+    out, n = qw.codes.shape
+    if n % Q4_0_BLOCK:
+        raise FormatError(f"Q4_0 needs rows that are a multiple of {Q4_0_BLOCK}, got shape {(out, n)}")
+    nb = n // Q4_0_BLOCK
+    q = qw.codes.reshape(out, nb, 2, Q4_0_BLOCK // 2).cpu().numpy()
+    nibbles = q[:, :, 0, :] | (q[:, :, 1, :] << np.uint8(4))
+    scales = qw.scales.to(torch.float16).expand(out, nb).cpu().contiguous().numpy()
+    scale_bytes = scales.reshape(out, nb, 1).view(np.uint8)  # little-endian on every platform torch runs on
+    return np.concatenate([scale_bytes, nibbles], axis=-1).reshape(out, nb * Q4_0_BLOCK_BYTES)

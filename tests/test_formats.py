@@ -1,0 +1,237 @@
+"""The three formats against independent references: the gguf package's Q4_0 (a port of ggml's C reference) and
+gemma.cpp's SFP8 vectors. Comparisons are exact (bit patterns), never approximate."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as GT
+from gguf import quants as gq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from gemma3_qat.formats import (
+    FORMATS, SFP8_DECODE_TABLE, FormatError, fake_quantize, get_format, q4_0_blocks,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+BLOCK, CHANNEL, SFP = FORMATS["int4-block"], FORMATS["int4-channel"], FORMATS["sfp8"]
+
+
+def bits(x) -> np.ndarray:
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return a.astype(np.float32).view(np.uint32)
+
+
+def gguf_q4_0(w: torch.Tensor) -> np.ndarray:
+    return gq.quantize(w.numpy(), GT.Q4_0)
+
+
+def adversarial_blocks(rng: np.random.Generator) -> np.ndarray:
+    """Rows of 32: exact +a/-a ties (first occurrence wins), all zero, fp16-denormal scales, one-hot, ramps."""
+    rows = []
+    tie = rng.normal(size=32).astype(np.float32) * 0.1
+    tie[7], tie[20] = 0.5, -0.5  # the first extreme is positive
+    rows.append(tie)
+    rows.append(-tie)  # the first extreme is negative
+    rows.append(np.zeros(32, np.float32))
+    rows.append(np.float32(1e-6) * rng.normal(size=32).astype(np.float32))  # fp16(d) subnormal, nonzero
+    rows.append(np.float32(3e-7) * rng.normal(size=32).astype(np.float32))  # near the fp16 subnormal floor
+    one_hot = np.zeros(32, np.float32)
+    one_hot[31] = -3.0
+    rows.append(one_hot)
+    rows.append(np.linspace(-1, 1, 32, dtype=np.float32))
+    rows.append(np.linspace(1, -1, 32, dtype=np.float32))
+    rows.append(np.full(32, 0.25, np.float32))
+    halfway = np.arange(32, dtype=np.float32) - 16  # many values land exactly on x*id + 8.5 ties
+    rows.append(halfway)
+    rows.append(halfway / np.float32(7))
+    return np.stack(rows)
+
+
+# ---------------------------------------------------------------------------------------------- int4-block = Q4_0
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "outliers", "adversarial", "bf16_weights", "large_rows"])
+def test_int4_block_bytes_equal_gguf_q4_0(kind):
+    rng = np.random.default_rng(0)
+    if kind == "gaussian":
+        w = rng.normal(scale=0.02, size=(64, 512))
+    elif kind == "outliers":
+        w = rng.standard_t(df=2, size=(64, 512)) * 0.02  # heavy tails
+        w[rng.random(w.shape) < 0.01] *= 50
+    elif kind == "adversarial":
+        w = np.tile(adversarial_blocks(rng), (1, 4))
+    elif kind == "bf16_weights":
+        w = torch.randn(32, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).float().numpy()
+    else:
+        w = rng.normal(scale=300.0, size=(8, 2048))
+    w = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+    ours = q4_0_blocks(BLOCK.quantize(w))
+    ref = gguf_q4_0(w)
+    scale_zero = ref.reshape(-1, 18)[:, :2].view(np.float16).ravel() == 0
+    # Where fp16(d) underflows to 0 our codes are the canonical 8 (the value is 0 either way); elsewhere: every byte.
+    np.testing.assert_array_equal(ours.reshape(-1, 18)[~scale_zero], ref.reshape(-1, 18)[~scale_zero])
+    np.testing.assert_array_equal(bits(BLOCK.fake_quantize_values(w)), bits(gq.dequantize(ref, GT.Q4_0)))
+
+
+def test_int4_block_scale_underflow_and_zero_blocks_are_defined():
+    w = torch.zeros(2, 32)
+    w[1] = torch.linspace(-1e-8, 1e-8, 32)  # |d| ~ 1.25e-9: fp16(d) underflows to 0
+    qw = BLOCK.quantize(w)
+    assert torch.all(qw.scales == 0)
+    assert torch.all(qw.codes == 8)
+    assert torch.all(BLOCK.dequantize(qw) == 0)
+    # the all-zero block stores -0.0 as its scale, as ggml does (d = 0 / -8)
+    assert q4_0_blocks(qw)[0, :2].tobytes() == gguf_q4_0(w)[0, :2].tobytes()
+
+
+def test_int4_too_large_for_fp16_is_a_clear_error():
+    w = torch.zeros(1, 32)
+    w[0, 3] = 1e6  # d = -125000 overflows fp16
+    for fmt in (BLOCK, CHANNEL):
+        with pytest.raises(FormatError, match="too large for an fp16"):
+            fmt.quantize(w)
+
+
+def test_int4_block_needs_multiple_of_32():
+    with pytest.raises(FormatError, match="multiple of 32"):
+        BLOCK.quantize(torch.zeros(4, 40))
+
+
+# ---------------------------------------------------------------------------------------------- int4-channel
+
+
+def test_int4_channel_is_q4_0_rule_over_rows():
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(3)) * 0.05
+    w[5, 17] = -2.0  # a negative row extreme
+    qw = CHANNEL.quantize(w)
+    assert qw.scales.shape == (48, 1) and qw.scales.dtype == torch.float16
+    k = qw.codes.to(torch.int16) - 8
+    assert int(k.min()) >= -8 and int(k.max()) <= 7
+    extreme = w.abs().argmax(dim=1)
+    assert torch.all(k[torch.arange(48), extreme] == -8)  # the row's signed extreme is always k = -8
+    values = CHANNEL.fake_quantize_values(w)
+    assert torch.equal(values, k.float() * qw.scales.float())
+    # the same rule as Q4_0 with one block per row: compare with gguf's Q4_0 on a 32-wide row
+    row = w[:, :32].contiguous()
+    assert np.array_equal(q4_0_blocks(CHANNEL.quantize(row)), gguf_q4_0(row))
+    # GGUF representation: every block of a row carries the row scale, and dequantizes exactly
+    blocks = q4_0_blocks(qw)
+    assert np.array_equal(bits(gq.dequantize(blocks, GT.Q4_0)), bits(values))
+
+
+# ---------------------------------------------------------------------------------------------- sfp8
+
+
+def test_sfp8_reproduces_gemma_cpp_vectors():
+    v = np.load(SHARED / "vectors" / "sfp8.npz")
+    x = torch.from_numpy(v["x"]).reshape(1, -1)
+    # scale 1 path (|x| <= 1.875): values and codes of the production encoder
+    assert float(x.abs().max()) <= 1.875
+    qw = SFP.quantize(x)
+    assert float(qw.scales) == 1.0
+    np.testing.assert_array_equal(qw.codes.numpy().ravel(), v["codes"])
+    np.testing.assert_array_equal(bits(SFP.fake_quantize_values(x)).ravel(), v["y"].view(np.uint32))
+    np.testing.assert_array_equal(bits(SFP.dequantize(qw)).ravel(), v["y"].view(np.uint32))
+    for i, scale in enumerate(v["tensor_scales"]):
+        t = torch.from_numpy(v[f"tensor{i}"]).reshape(1, -1)
+        qt = SFP.quantize(t)
+        assert bits(qt.scales) == bits(np.float32(scale))
+        np.testing.assert_array_equal(bits(SFP.fake_quantize_values(t)).ravel(), v[f"tensor{i}_fq"].view(np.uint32))
+        np.testing.assert_array_equal(bits(SFP.dequantize(qt)).ravel(), v[f"tensor{i}_fq"].view(np.uint32))
+
+
+def test_sfp8_code_space():
+    values = SFP8_DECODE_TABLE
+    assert values[0] == 0 and values[0x80] == 0  # -0 is reserved
+    assert len(set(values.tolist())) == 255
+    assert float(values.abs().max()) == 1.875
+    assert float(values[values > 0].min()) == 1.25 * 2.0**-23
+    assert torch.equal(values, values.to(torch.bfloat16).float())  # every value is exact in bf16
+    # every nonzero code encodes back to itself
+    codes = torch.tensor([c for c in range(256) if c & 0x7F], dtype=torch.uint8)
+    qw = SFP.quantize(SFP8_DECODE_TABLE[codes.long()].reshape(1, -1))
+    assert torch.equal(qw.codes.ravel(), codes)
+
+
+def test_sfp8_never_negative_zero():
+    w = torch.tensor([[-1e-30, -0.0, 1e-30, -1.0]])
+    qw = SFP.quantize(w)
+    assert qw.codes.tolist()[0][:3] == [0, 0, 0]
+    assert not torch.signbit(SFP.fake_quantize_values(w)[0, :3]).any()
+
+
+# ---------------------------------------------------------------------------------------------- properties
+
+weights = hnp.arrays(
+    np.float32, st.tuples(st.integers(1, 4), st.sampled_from([32, 64, 96])),
+    elements=st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, allow_subnormal=True, width=32),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(w=weights, name=st.sampled_from(sorted(FORMATS)))
+def test_quantize_dequantize_is_idempotent(w, name):
+    fmt = get_format(name)
+    x = torch.from_numpy(w)
+    once = fmt.fake_quantize_values(x)
+    twice = fmt.fake_quantize_values(once)
+    # numerically equal (an all-zero int4 block dequantizes to -0.0 as in ggml, then to +0.0), and the same codes
+    np.testing.assert_array_equal(once.numpy(), twice.numpy())
+    assert torch.equal(fmt.quantize(once).codes, fmt.quantize(twice).codes)
+
+
+@settings(max_examples=300, deadline=None)
+@given(w=weights, dtype=st.sampled_from(["f32", "f16"]))
+def test_int4_block_requantizes_to_identical_bytes_in_gguf(w, dtype):
+    """Our int4-block weights handed to llama.cpp's Q4_0 quantizer as F32 or F16 give the same bytes back,
+    wherever the block's stored scale is a normal fp16 number."""
+    x = torch.from_numpy(w)
+    qw = BLOCK.quantize(x)
+    handed = BLOCK.dequantize(qw).numpy()
+    if dtype == "f16":
+        handed = handed.astype(np.float16).astype(np.float32)
+    requant = gguf_q4_0(torch.from_numpy(handed)).reshape(-1, 18)
+    ours = q4_0_blocks(qw).reshape(-1, 18)
+    scale = np.abs(ours[:, :2].copy().view(np.float16).ravel().astype(np.float32))
+    normal = scale >= np.float32(6.103515625e-05)  # smallest normal fp16
+    np.testing.assert_array_equal(requant[normal], ours[normal])
+
+
+# ---------------------------------------------------------------------------------------------- STE, devices
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_straight_through_gradient_is_identity(name):
+    w = (torch.randn(8, 64) * 3).requires_grad_()
+    g = torch.randn(8, 64)
+    out = fake_quantize(w, name)
+    assert torch.equal(out.detach(), get_format(name).fake_quantize_values(w))
+    out.backward(g)
+    assert torch.equal(w.grad, g)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_math_is_fp32_whatever_the_weight_dtype(name):
+    w = torch.randn(4, 64).to(torch.bfloat16)
+    fmt = get_format(name)
+    assert torch.equal(fmt.quantize(w).codes, fmt.quantize(w.float()).codes)
+    assert fake_quantize(w, name).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_cuda_matches_cpu_bit_for_bit(name):
+    w = torch.randn(256, 1024) * 0.05
+    fmt = get_format(name)
+    cpu, gpu = fmt.quantize(w), fmt.quantize(w.cuda())
+    assert torch.equal(cpu.codes, gpu.codes.cpu()) and torch.equal(cpu.scales, gpu.scales.cpu())
+    assert np.array_equal(bits(fmt.fake_quantize_values(w)), bits(fmt.fake_quantize_values(w.cuda())))
+
+
+def test_unknown_format_names_the_valid_ones():
+    with pytest.raises(FormatError, match="int4-block, int4-channel, sfp8"):
+        get_format("q4_0")
