@@ -76,27 +76,41 @@ def _as_fp32_matrix(weight: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _q4_0_rule(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_0 over the last axis of fp32 ``blocks``: returns (q uint8 in [0, 15], stored scale fp16).
+def _signed_extreme(blocks: torch.Tensor) -> torch.Tensor:
+    """``x[i]`` for the FIRST ``i`` with the largest ``|x|`` of each block (ggml keeps the first it meets)."""
+    hi = blocks.amax(dim=-1, keepdim=True)
+    lo = blocks.amin(dim=-1, keepdim=True)
+    m = torch.where(hi > -lo, hi, lo)
+    tie = (hi == -lo).squeeze(-1)  # +a and -a both present, or an all-zero block: the first occurrence decides
+    if tie.any():
+        tied = blocks[tie]
+        m[tie] = torch.gather(tied, -1, tied.abs().argmax(dim=-1, keepdim=True))  # argmax: first occurrence
+    return m
 
-    Blocks whose stored scale is zero (all-zero blocks, or blocks so small that ``fp16(d)`` underflows) get the
-    canonical codes 8: their value is 0 either way, and 8 is what re-quantizing those zeros gives.
-    """
-    imax = blocks.abs().argmax(dim=-1, keepdim=True)  # first occurrence of the largest |x|
-    m = torch.gather(blocks, -1, imax)  # the SIGNED extreme
-    d = m / -8.0
-    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)  # reciprocal of the UNROUNDED fp32 d
-    # Separate multiply and add (eager torch never fuses them into an FMA), then truncation toward zero.
-    q = torch.trunc(blocks * inv + 8.5).clamp_(0, 15)
+
+def _q4_0_scale(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0's scale of each block (last axis): (reciprocal of the unrounded fp32 ``d``, stored ``fp16(d)``)."""
+    d = _signed_extreme(blocks) / -8.0
     scale = d.to(torch.float16)
+    # ggml: id = d ? 1/d : 0. Where fp16(d) is zero the stored block is zero whatever the codes: inv = 0 gives the
+    # canonical codes 8 (what re-quantizing those zeros gives) and avoids 1/d = inf for fp32-subnormal d.
+    inv = torch.where(scale == 0, torch.zeros_like(d), 1.0 / d)
     if torch.isinf(scale).any():
-        worst = blocks.abs().max().item()
+        worst = float(torch.max(blocks.amax(), -blocks.amin()))
         raise FormatError(
             f"weight magnitude {worst:.6g} is too large for an fp16 int4 scale (|w| must stay below "
             f"{8 * FP16_MAX:.0f}); rescale the weight or keep this tensor unquantized"
         )
-    q = torch.where(scale == 0, torch.full_like(q, 8.0), q)
-    return q.to(torch.uint8), scale
+    return inv, scale
+
+
+def _q4_0_q(blocks: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """Q4_0's codes ``q = min(15, trunc(x * inv + 8.5))`` as fp32 in [0, 15], in one fresh buffer.
+
+    The multiply and the add are separate operations (eager torch never fuses them into an FMA). The chain works
+    in place: on CPU a fresh full-size buffer costs more than an elementwise pass.
+    """
+    return torch.mul(blocks, inv).add_(8.5).trunc_().clamp_(0, 15)
 
 
 def _int4_values(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -116,7 +130,7 @@ def _pow2(exponent: torch.Tensor) -> torch.Tensor:
 
 def sfp8_scale(weight32: torch.Tensor) -> torch.Tensor:
     """gemma.cpp ``ScaleWeights``: 1 if max|w| <= 1.875, else max|w| / 1.875 (fp32). A 0-d fp32 tensor."""
-    maxabs = weight32.abs().max() if weight32.numel() else weight32.new_zeros(())
+    maxabs = torch.maximum(weight32.amax(), -weight32.amin()) if weight32.numel() else weight32.new_zeros(())
     return torch.where(maxabs <= SFP_MAX, torch.ones_like(maxabs), maxabs / SFP_MAX)
 
 
@@ -162,6 +176,44 @@ def _sfp8_decode_table() -> torch.Tensor:
 
 
 SFP8_DECODE_TABLE = _sfp8_decode_table()  # code -> value at scale 1 (255 distinct values)
+
+# The production encoder reads only the top 15 bits of an f32 (sign, exponent, 6 mantissa bits: it truncates
+# first), so the rule above, run once on each of the 32,768 truncated inputs, tabulates it exactly. Encoding a
+# tensor is then a shift and a table look-up.
+_SFP8_INDEX_SHIFT = 17
+
+
+def _sfp8_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    x = (torch.arange(1 << 15, dtype=torch.int32) << _SFP8_INDEX_SHIFT).view(torch.float32)
+    a = torch.where(x.abs() <= SFP_MAX, x.abs(), torch.zeros_like(x))  # inputs are clamped to 1.875 first
+    r = _sfp8_magnitudes(a)
+    negative = torch.signbit(x)
+    values = torch.where(negative & (r != 0), -r, r)  # never -0
+    return values, _sfp8_codes(r, negative)
+
+
+_SFP8_VALUE_OF_INDEX, _SFP8_CODE_OF_INDEX = _sfp8_tables()
+_tables_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _sfp8_tables_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if device not in _tables_by_device:
+        _tables_by_device[device] = (_SFP8_VALUE_OF_INDEX.to(device), _SFP8_CODE_OF_INDEX.to(device))
+    return _tables_by_device[device]
+
+
+def _sfp8_index(weight32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per weight, the table index of its scaled, clamped value (int32, one fresh buffer); and the scale."""
+    s = sfp8_scale(weight32)
+    if bool(s == 1):  # max|w| <= 1.875: no scaling
+        v = weight32.clone()
+    else:
+        inv = (1.0 / s.double()).float()  # gemma.cpp: float(1.0 / double(scale))
+        v = torch.mul(weight32, inv).clamp_(-SFP_MAX, SFP_MAX)  # min(1.875, |w * inv|), sign kept
+    index = v.view(torch.int32)
+    index >>= _SFP8_INDEX_SHIFT  # arithmetic shift keeps the sign bit: mask it back to 15 bits
+    index &= (1 << 15) - 1
+    return index, s
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -218,8 +270,9 @@ class Int4Block(WeightFormat):
 
     def quantize(self, weight):
         blocks = self._blocks(weight)
-        q, scale = _q4_0_rule(blocks)
-        return QuantizedWeight(self.name, q.reshape(weight.shape), scale.squeeze(-1))
+        inv, scale = _q4_0_scale(blocks)
+        codes = _q4_0_q(blocks, inv).to(torch.uint8)
+        return QuantizedWeight(self.name, codes.reshape(weight.shape), scale.squeeze(-1))
 
     def dequantize(self, qw):
         out, n = qw.codes.shape
@@ -228,8 +281,8 @@ class Int4Block(WeightFormat):
 
     def fake_quantize_values(self, weight):
         blocks = self._blocks(weight)
-        q, scale = _q4_0_rule(blocks)
-        return _int4_values(q, scale).reshape(weight.shape)
+        inv, scale = _q4_0_scale(blocks)
+        return _q4_0_q(blocks, inv).sub_(8.0).mul_(scale.to(torch.float32)).reshape(weight.shape)
 
 
 class Int4Channel(WeightFormat):
@@ -241,16 +294,18 @@ class Int4Channel(WeightFormat):
 
     def quantize(self, weight):
         self.check_shape(tuple(weight.shape))
-        q, scale = _q4_0_rule(_as_fp32_matrix(weight))
-        return QuantizedWeight(self.name, q, scale)
+        rows = _as_fp32_matrix(weight)
+        inv, scale = _q4_0_scale(rows)
+        return QuantizedWeight(self.name, _q4_0_q(rows, inv).to(torch.uint8), scale)
 
     def dequantize(self, qw):
         return _int4_values(qw.codes, qw.scales)
 
     def fake_quantize_values(self, weight):
         self.check_shape(tuple(weight.shape))
-        q, scale = _q4_0_rule(_as_fp32_matrix(weight))
-        return _int4_values(q, scale)
+        rows = _as_fp32_matrix(weight)
+        inv, scale = _q4_0_scale(rows)
+        return _q4_0_q(rows, inv).sub_(8.0).mul_(scale.to(torch.float32))
 
 
 class SFP8(WeightFormat):
@@ -260,27 +315,24 @@ class SFP8(WeightFormat):
     runtimes = "gemma.cpp (SFP), safetensors codes + scale; GGUF as exact BF16/F32 values (no SFP type)"
     gguf_type = "BF16/F32 (exact values) or Q8_0 (lossy)"
 
-    def _magnitudes(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _index(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_shape(tuple(weight.shape))
-        w = _as_fp32_matrix(weight)
-        s = sfp8_scale(w)
-        if bool(s == 1):  # max|w| <= 1.875: no scaling
-            a = w.abs()
-        else:
-            inv = (1.0 / s.double()).float()  # gemma.cpp: float(1.0 / double(scale))
-            a = (w * inv).abs().clamp_(max=SFP_MAX)
-        return w, _sfp8_magnitudes(a), s
+        return _sfp8_index(_as_fp32_matrix(weight))
 
     def quantize(self, weight):
-        w, r, s = self._magnitudes(weight)
-        return QuantizedWeight(self.name, _sfp8_codes(r, w < 0), s)
+        index, s = self._index(weight)
+        codes = _sfp8_tables_on(index.device)[1]
+        return QuantizedWeight(self.name, torch.index_select(codes, 0, index.view(-1)).view(index.shape), s)
 
     def dequantize(self, qw):
         return SFP8_DECODE_TABLE.to(qw.codes.device)[qw.codes.long()] * qw.scales
 
     def fake_quantize_values(self, weight):
-        w, r, s = self._magnitudes(weight)
-        return torch.where((w < 0) & (r != 0), -r, r) * s  # never -0
+        index, s = self._index(weight)
+        values = _sfp8_tables_on(index.device)[0]
+        out = torch.empty(index.shape, dtype=torch.float32, device=index.device)
+        torch.index_select(values, 0, index.view(-1), out=out.view(-1))
+        return out.mul_(s)
 
 
 FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Int4Block(), Int4Channel(), SFP8())}

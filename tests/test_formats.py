@@ -88,6 +88,16 @@ def test_int4_block_scale_underflow_and_zero_blocks_are_defined():
     assert q4_0_blocks(qw)[0, :2].tobytes() == gguf_q4_0(w)[0, :2].tobytes()
 
 
+def test_int4_fp32_subnormal_extreme_gives_zero_not_nan():
+    w = torch.zeros(1, 64)
+    w[0, 0] = 5.6e-40  # d is an fp32 subnormal: 1/d would overflow to inf, and 0 * inf is NaN
+    w[0, 40] = -1e-45
+    for fmt in (BLOCK, CHANNEL):
+        qw = fmt.quantize(w)
+        assert torch.all(qw.codes == 8) and torch.all(qw.scales == 0)
+        assert torch.equal(fmt.fake_quantize_values(w), torch.zeros_like(w))
+
+
 def test_int4_too_large_for_fp16_is_a_clear_error():
     w = torch.zeros(1, 32)
     w[0, 3] = 1e6  # d = -125000 overflows fp16
@@ -142,6 +152,20 @@ def test_sfp8_reproduces_gemma_cpp_vectors():
         assert bits(qt.scales) == bits(np.float32(scale))
         np.testing.assert_array_equal(bits(SFP.fake_quantize_values(t)).ravel(), v[f"tensor{i}_fq"].view(np.uint32))
         np.testing.assert_array_equal(bits(SFP.dequantize(qt)).ravel(), v[f"tensor{i}_fq"].view(np.uint32))
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-4, 0.05, 1.0, 1.8, 40.0])
+def test_sfp8_table_encoder_equals_the_rule_written_out(scale):
+    """The fast path (shift + table) against the spec's rule applied directly, scaling included."""
+    from gemma3_qat.formats import _sfp8_codes, _sfp8_magnitudes, sfp8_scale
+
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(7)) * scale
+    s = sfp8_scale(w)
+    a = w.abs() if s == 1 else (w * (1.0 / s.double()).float()).abs().clamp(max=1.875)
+    r = _sfp8_magnitudes(a)
+    want = torch.where((w < 0) & (r != 0), -r, r) * s
+    np.testing.assert_array_equal(bits(SFP.fake_quantize_values(w)), bits(want))
+    assert torch.equal(SFP.quantize(w).codes, _sfp8_codes(r, w < 0))
 
 
 def test_sfp8_code_space():
