@@ -58,6 +58,23 @@ def formats(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         typer.echo(f"{'':<13} runs on: {r['runs_on']}")
 
 
+@app.command("pretrain-default", hidden=True)
+def pretrain_default(
+    recipe: str = typer.Option("recipes/default-pretrain.yaml", help="Pretraining recipe (YAML)."),
+    output: str = typer.Option("gemma3_qat/assets/default-model", "--output", "-o", help="Where to write."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing model at OUTPUT."),
+):
+    """Rebuild the embedded default model from scratch (maintainers; about 40 minutes on 2 CPU cores)."""
+    from pathlib import Path
+
+    from gemma3_qat.pretrain import PretrainRecipe
+    from gemma3_qat.pretrain import pretrain_default as run
+
+    if Path(output).exists() and not force:
+        raise FileExistsError(f"{output} exists; pass --force to rebuild it")
+    run(PretrainRecipe.load(recipe), Path(output), log=typer.echo)
+
+
 def _error_message(exc: BaseException) -> str | None:
     """One line for the errors a user can fix; None for bugs (those keep their traceback)."""
     from gemma3_qat.formats import FormatError

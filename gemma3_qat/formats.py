@@ -202,9 +202,18 @@ def _sfp8_tables_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _tables_by_device[device]
 
 
-def _sfp8_index(weight32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per weight, the table index of its scaled, clamped value (int32, one fresh buffer); and the scale."""
-    s = sfp8_scale(weight32)
+def sfp8_values_fit_bf16(scale: torch.Tensor) -> bool:
+    """Whether ``r * scale`` is exact in bf16 for every SFP magnitude ``r`` (4 significant bits): true when the
+    scale has at most 4 significant bits, e.g. 1 or a power of two."""
+    return int(scale.to(torch.float32).view(torch.int32)) & 0xFFFFF == 0
+
+
+def _sfp8_index(weight32: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per weight, the table index of its scaled, clamped value (int32, one fresh buffer); and the scale.
+
+    ``scale``: the tensor's ``ScaleWeights`` scale when ``weight32`` is only a chunk of rows of it.
+    """
+    s = sfp8_scale(weight32) if scale is None else scale
     if bool(s == 1):  # max|w| <= 1.875: no scaling
         v = weight32.clone()
     else:
@@ -315,20 +324,22 @@ class SFP8(WeightFormat):
     runtimes = "gemma.cpp (SFP), safetensors codes + scale; GGUF as exact BF16/F32 values (no SFP type)"
     gguf_type = "BF16/F32 (exact values) or Q8_0 (lossy)"
 
-    def _index(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _index(self, weight: torch.Tensor, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_shape(tuple(weight.shape))
-        return _sfp8_index(_as_fp32_matrix(weight))
+        return _sfp8_index(_as_fp32_matrix(weight), scale)
 
-    def quantize(self, weight):
-        index, s = self._index(weight)
+    def quantize(self, weight, scale: torch.Tensor | None = None):
+        """``scale``: the whole tensor's scale, when ``weight`` is a chunk of its rows."""
+        index, s = self._index(weight, scale)
         codes = _sfp8_tables_on(index.device)[1]
         return QuantizedWeight(self.name, torch.index_select(codes, 0, index.view(-1)).view(index.shape), s)
 
     def dequantize(self, qw):
         return SFP8_DECODE_TABLE.to(qw.codes.device)[qw.codes.long()] * qw.scales
 
-    def fake_quantize_values(self, weight):
-        index, s = self._index(weight)
+    def fake_quantize_values(self, weight, scale: torch.Tensor | None = None):
+        """``scale``: the whole tensor's scale, when ``weight`` is a chunk of its rows."""
+        index, s = self._index(weight, scale)
         values = _sfp8_tables_on(index.device)[0]
         out = torch.empty(index.shape, dtype=torch.float32, device=index.device)
         torch.index_select(values, 0, index.view(-1), out=out.view(-1))
