@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -58,6 +60,179 @@ def formats(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         typer.echo(f"{'':<13} runs on: {r['runs_on']}")
 
 
+# ---------------------------------------------------------------------------------------------------------- train
+# Options shared by `train` and `teacher-cache`. None = take the recipe's value (or the built-in default).
+Recipe = Annotated[Optional[Path], typer.Option(help="Recipe YAML (recipes/*.yaml); flags override its values.")]
+Model = Annotated[Optional[str], typer.Option(help="Checkpoint to start from: local HF dir or hub id. "
+                                                   "Default: the embedded model.")]
+Teacher = Annotated[Optional[str], typer.Option(help="Unquantized reference. Default: --model.")]
+Data = Annotated[Optional[list[str]], typer.Option(help="FILE[:WEIGHT] (.jsonl/.json/.parquet/.txt or hub id), "
+                                                         "repeatable. Default: the embedded sample data.")]
+SeqLen = Annotated[Optional[int], typer.Option(help="Packed sequence length in tokens.")]
+KD = Annotated[Optional[str], typer.Option("--kd", help="Distillation target: full, sampled (the report's), topk.")]
+KDK = Annotated[Optional[int], typer.Option("--kd-k", help="Ids per position for sampled/topk.")]
+KDT = Annotated[Optional[float], typer.Option("--kd-temperature", help="KD temperature.")]
+Seed = Annotated[Optional[int], typer.Option(help="Random seed (data order, sampled-KD noise).")]
+AssistantOnly = Annotated[Optional[bool], typer.Option("--assistant-only/--all-tokens",
+                                                       help="Chat data: train on the model's turns only.")]
+
+
+@app.command()
+def train(
+    format: Annotated[Optional[str], typer.Option("--format", "-f", help="int4-block, int4-channel or sfp8.")] = None,
+    recipe: Recipe = None, model: Model = None, teacher: Teacher = None, data: Data = None,
+    quantize_embeddings: Annotated[Optional[bool], typer.Option(
+        "--quantize-embeddings/--no-quantize-embeddings", help="Also fake-quantize the tied embedding (lookup and "
+        "output head).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (0 = post-training quantization only).")] = None,
+    seq_len: SeqLen = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per optimizer step (all processes).")] = None,
+    micro_batch_size: Annotated[Optional[int], typer.Option(help="Sequences per forward on one process.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps before the cosine decay.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay on matrices.")] = None,
+    max_grad_norm: Annotated[Optional[float], typer.Option(help="Gradient clipping norm.")] = None,
+    kd: KD = None, kd_k: KDK = None, kd_temperature: KDT = None,
+    kd_alpha: Annotated[Optional[float], typer.Option("--kd-alpha", help="Weight of the next-token loss.")] = None,
+    teacher_cache: Annotated[Optional[str], typer.Option(help="Train from this teacher cache (no live teacher).")] = None,
+    assistant_only: AssistantOnly = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Validate every N steps.")] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
+    seed: Seed = None,
+    log_with: Annotated[Optional[list[str]], typer.Option(help="accelerate tracker: tensorboard, wandb.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run directory. Default: "
+                                                  "runs/<model>-<format>-<timestamp>/.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output (default: the latest in "
+                                         "runs/) from its last checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a run already in --output.")] = False,
+):
+    """Quantization-aware training by distillation from the unquantized checkpoint.
+
+    With no flags: the embedded default model and data on the CPU, in a couple of minutes.
+
+    Examples:
+      gemma3-qat train --format int4-block
+      gemma3-qat train --recipe recipes/gemma3-1b-int4-block.yaml --model google/gemma-3-1b-pt --data web.jsonl
+    """
+    flags = _given(locals(), exclude=("recipe", "resume", "force"))
+    from gemma3_qat.qat.train import TrainConfig
+    from gemma3_qat.qat.train import train as run
+
+    if recipe is None and model is None:
+        recipe = _default_recipe()
+    config = TrainConfig.from_recipe(recipe, **flags)
+    run(config, resume=resume, force=force, log=typer.echo)
+
+
+@app.command("teacher-cache")
+def teacher_cache(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Cache directory to write.")],
+    recipe: Recipe = None, model: Model = None, teacher: Teacher = None, data: Data = None, seq_len: SeqLen = None,
+    kd: KD = "topk", kd_k: KDK = None, kd_temperature: KDT = None, seed: Seed = None,
+    assistant_only: AssistantOnly = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per teacher forward.")] = 8,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing cache.")] = False,
+):
+    """Run the teacher once and store its sparse targets; then `train --teacher-cache DIR` needs no teacher.
+
+    Use the same --model/--teacher/--data/--seq-len/--kd flags as the training run (a fingerprint checks it).
+    """
+    flags = _given(locals(), exclude=("recipe", "output", "batch_size", "force"))
+    from gemma3_qat.qat.teacher_cache import build_from_config
+    from gemma3_qat.qat.train import TrainConfig
+
+    if recipe is None and model is None:
+        recipe = _default_recipe()
+    config = TrainConfig.from_recipe(recipe, **flags)
+    build_from_config(config, output, force=force, batch_size=batch_size, log=typer.echo)
+
+
+def _default_recipe() -> Path | None:
+    """recipes/default.yaml of a source checkout, or the copy shipped in the package."""
+    for candidate in (Path("recipes/default.yaml"), Path(__file__).parent / "assets" / "default-recipe.yaml"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _given(values: dict, exclude=()) -> dict:
+    return {k: v for k, v in values.items() if k not in exclude and v is not None and v != []}
+
+
+# ---------------------------------------------------------------------------------------------------------- export
+@app.command()
+def export(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="QAT checkpoint (a train output) or any Gemma 3 HF "
+                                                               "checkpoint. Default: the latest run in runs/.")] = None,
+    to: Annotated[str, typer.Option("--to", help="gguf (llama.cpp, Ollama, LM Studio).")] = "gguf",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write. Default: inside "
+                                                   "the checkpoint directory.")] = None,
+    type: Annotated[Optional[str], typer.Option("--type", help="Plain (non-QAT) checkpoints: f32, f16, bf16, "
+                                                "q8_0 or q4_0 (post-training quantization).")] = None,
+    embedding_type: Annotated[str, typer.Option(help="An embedding not trained quantized: auto (= q8_0, llama.cpp's "
+                                                "QAT choice; Google's F16 costs +0.8-1.6 GB on the released sizes), "
+                                                "q4_0, q8_0, f16, bf16, f32.")] = "auto",
+    lossy: Annotated[bool, typer.Option("--lossy", help="sfp8: write Q8_0 instead of exact BF16/F32 values.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (tensor types, sizes); write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
+):
+    """Export to GGUF: trained codes written exactly (int4 as Q4_0), tokenizer, chat template, mmproj.
+
+    Examples:
+      gemma3-qat export --to gguf                       # the latest run in runs/
+      gemma3-qat export --to gguf runs/x -o x.gguf
+      gemma3-qat export --to gguf ~/gemma-3-1b-pt --type q4_0   # the PTQ baseline
+    """
+    from gemma3_qat.exporters.gguf import export_gguf
+    from gemma3_qat.qat.train import latest_run
+
+    if to != "gguf":
+        raise ValueError(f"unknown --to {to!r}; available: gguf")
+    if checkpoint is None:
+        checkpoint = latest_run()
+        if checkpoint is None:
+            raise FileNotFoundError("no checkpoint given and no run in runs/; train first or name a checkpoint")
+        typer.echo(f"exporting the latest run: {checkpoint}")
+    plan = export_gguf(checkpoint, output, plain_type=type, embedding_type=embedding_type, lossy=lossy, force=force,
+                       dry_run=dry_run, log=typer.echo)
+    by_type: dict[str, int] = {}
+    for t in plan.tensors:
+        by_type[t.ggml_type.name] = by_type.get(t.ggml_type.name, 0) + t.nbytes
+    if dry_run:
+        for t in plan.tensors:
+            typer.echo(f"{t.gguf_name:<32} {t.ggml_type.name:<5} {str(list(t.shape)):<16} {t.nbytes:>12,}  {t.note}")
+    summary = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in by_type.items())
+    typer.echo(f"{'would write' if dry_run else 'wrote'} {plan.path} (tensor data {plan.nbytes / 1e6:.2f} MB: {summary})")
+    for note in plan.notes:
+        typer.echo(f"note: {note}")
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A .gguf file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+):
+    """Show a GGUF file's metadata, tensor table and totals."""
+    from gemma3_qat.exporters.gguf import inspect_gguf
+
+    if not file.exists():
+        raise FileNotFoundError(f"{file} does not exist")
+    info = inspect_gguf(file)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    for k, v in info["metadata"].items():
+        text = str(v)
+        typer.echo(f"{k:<44} {text if len(text) < 80 else text[:77] + '...'}")
+    typer.echo("")
+    for t in info["tensors"]:
+        typer.echo(f"{t['name']:<36} {t['type']:<6} {str(t['shape']):<18} {t['bytes']:>14,}")
+    typer.echo(f"\n{len(info['tensors'])} tensors, {info['tensor_bytes']:,} bytes of tensor data "
+               f"({', '.join(f'{k} {v:,}' for k, v in info['bytes_by_type'].items())}); file {info['file_bytes']:,} bytes")
+
+
 @app.command("pretrain-default", hidden=True)
 def pretrain_default(
     recipe: str = typer.Option("recipes/default-pretrain.yaml", help="Pretraining recipe (YAML)."),
@@ -77,10 +252,9 @@ def pretrain_default(
 
 def _error_message(exc: BaseException) -> str | None:
     """One line for the errors a user can fix; None for bugs (those keep their traceback)."""
-    from gemma3_qat.formats import FormatError
-    from gemma3_qat.models import NotGemma3Error
+    from gemma3_qat.qat.train import TrainingError
 
-    if isinstance(exc, (FormatError, NotGemma3Error, FileNotFoundError, FileExistsError, ValueError)):
+    if isinstance(exc, (FileNotFoundError, FileExistsError, ValueError, TrainingError)):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return None
 
@@ -89,6 +263,9 @@ def main() -> None:
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # silence CUDA-only extension warnings
     try:
         app()
+    except KeyboardInterrupt as exc:
+        typer.echo(f"interrupted: {exc}" if str(exc) else "interrupted", err=True)
+        sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the one error table of the CLI
         message = _error_message(exc)
         if message is None or os.environ.get("GEMMA3_QAT_DEBUG"):

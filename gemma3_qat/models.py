@@ -122,3 +122,42 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
                     raise NotGemma3Error(f"layer {i}: {group}.{name} is a {type(module).__name__}, not nn.Linear")
                 found[f"{base}layers.{i}.{group}.{name}"] = module
     return found
+
+
+def resolve_model(name_or_path: str | None):
+    """A local checkpoint directory, a hub id, or None for the embedded default model."""
+    from pathlib import Path
+
+    if name_or_path is None:
+        from gemma3_qat.assets import default_model_path
+
+        return str(default_model_path())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise NotGemma3Error(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+        return str(path)
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+        return name_or_path  # a hub id
+    raise FileNotFoundError(f"model {name_or_path} does not exist (neither a local directory nor a hub id)")
+
+
+def load_gemma3(name_or_path: str | None, *, dtype=None, device=None, **kwargs):
+    """Load a Gemma 3 checkpoint (text-only or multimodal) with transformers, with clear errors."""
+    from transformers import AutoConfig, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+
+    source = resolve_model(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"cannot get {source!r} from the hub ({str(e).splitlines()[0][:120]}); are you offline? "
+            "pass a local checkpoint directory with --model"
+        ) from None
+    if config.model_type not in ("gemma3", "gemma3_text"):
+        raise NotGemma3Error(f"{source} is not a Gemma 3 checkpoint (model_type {config.model_type!r})")
+    cls = Gemma3ForConditionalGeneration if config.model_type == "gemma3" else Gemma3ForCausalLM
+    model = cls.from_pretrained(source, dtype=dtype, **kwargs)
+    if device is not None:
+        model.to(device)
+    return model

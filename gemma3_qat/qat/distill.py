@@ -1,0 +1,137 @@
+"""Knowledge-distillation targets and losses: the student learns the teacher's probabilities.
+
+Three ways to form the target at each position (``--kd``):
+
+* ``full``    the teacher's full-vocabulary distribution ``softmax(t / T)``: cross-entropy against the student's
+              ``log_softmax(s / T)`` (forward KL up to the teacher's entropy), scaled by ``T**2``. The reference.
+* ``sampled`` the Gemma 3 report's scheme (§2.2): ``k`` ids drawn from the teacher's distribution without
+              replacement (Gumbel-top-k), the teacher probabilities renormalised over them, zero elsewhere. The
+              Gumbel noise is keyed by (sample id, position), so targets do not depend on batching or process count.
+* ``topk``    the same over the teacher's ``k`` most likely ids.
+
+A sparse target is ``(ids [..., k], log_probs [..., k])`` with the log-probabilities renormalised over the ids;
+that is also what the teacher cache stores, so live and cached training see identical targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+KD_MODES = ("full", "sampled", "topk")
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    mode: str = "full"
+    k: int = 256  # ids per position for sampled / topk
+    temperature: float = 1.0
+    alpha: float = 0.0  # weight of the ground-truth next-token loss: loss = (1 - alpha) * KD + alpha * CE
+    seed: int = 0  # keys the Gumbel noise of `sampled`
+
+    def __post_init__(self):
+        if self.mode not in KD_MODES:
+            raise ValueError(f"unknown --kd {self.mode!r}; choose one of: {', '.join(KD_MODES)}")
+        if self.k < 1:
+            raise ValueError(f"--kd-k must be at least 1, got {self.k}")
+        if self.temperature <= 0:
+            raise ValueError(f"--kd-temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"--kd-alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass
+class SparseTarget:
+    ids: torch.Tensor  # [B, T, k] int64
+    log_probs: torch.Tensor  # [B, T, k] fp32, renormalised over ids
+
+
+NOISE_BLOCK = 64  # positions per independently keyed noise block
+
+
+def gumbel_noise(sample_id: int, start: int, length: int, vocab: int, seed: int, device) -> torch.Tensor:
+    """Gumbel(0, 1) noise [length, V] for positions start..start+length of one sample: a deterministic function of
+    (seed, sample id, block of NOISE_BLOCK positions), so batching and process count do not change it."""
+    blocks = []
+    for block_start in range(start - start % NOISE_BLOCK, start + length, NOISE_BLOCK):
+        key = ((seed * 1_000_003 + int(sample_id)) * 1_000_033 + block_start) % (2**63 - 1)
+        g = torch.Generator(device=device).manual_seed(key)
+        u = torch.rand(NOISE_BLOCK, vocab, generator=g, device=device).clamp_(min=1e-20)
+        blocks.append(-torch.log(-torch.log(u)))
+    noise = torch.cat(blocks)
+    offset = start % NOISE_BLOCK
+    return noise[offset:offset + length]
+
+
+def sparse_target(teacher_logits: torch.Tensor, config: KDConfig, sample_ids: torch.Tensor | None = None) -> SparseTarget:
+    """Sampled or top-k target from teacher logits [B, T, V]."""
+    logp = F.log_softmax(teacher_logits.float() / config.temperature, dim=-1)
+    k = min(config.k, logp.size(-1))
+    if config.mode == "topk":
+        ids = logp.topk(k, dim=-1).indices
+    elif config.mode == "sampled":
+        if sample_ids is None:
+            raise ValueError("sampled KD needs the sample ids that key its noise")
+        ids = torch.empty(*logp.shape[:2], k, dtype=torch.long, device=logp.device)
+        for b, sid in enumerate(sample_ids.tolist()):
+            for start in range(0, logp.size(1), NOISE_BLOCK):  # block by block: noise memory stays [64, V]
+                end = min(start + NOISE_BLOCK, logp.size(1))
+                noise = gumbel_noise(sid, start, end - start, logp.size(2), config.seed, logp.device)
+                ids[b, start:end] = (logp[b, start:end] + noise).topk(k, dim=-1).indices  # Gumbel-top-k
+    else:
+        raise ValueError(f"{config.mode} KD has no sparse target")
+    picked = logp.gather(-1, ids)
+    return SparseTarget(ids, picked - picked.logsumexp(-1, keepdim=True))
+
+
+def kd_loss_per_token(student_logits: torch.Tensor, config: KDConfig, *, teacher_logits: torch.Tensor | None = None,
+                      target: SparseTarget | None = None) -> torch.Tensor:
+    """Cross-entropy of the student against the teacher target, per position [B, T] (fp32)."""
+    t = config.temperature
+    student_logp = F.log_softmax(student_logits.float() / t, dim=-1)
+    if config.mode == "full":
+        teacher_p = F.softmax(teacher_logits.float() / t, dim=-1)
+        return -(teacher_p * student_logp).sum(-1) * t * t
+    return -(target.log_probs.exp() * student_logp.gather(-1, target.ids)).sum(-1) * t * t
+
+
+def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position t predicts token t+1: logits [B, T-1, V], labels [B, T-1] (-100 = ignored)."""
+    return logits[:, :-1], labels[:, 1:]
+
+
+def distillation_loss(student_logits, labels, config: KDConfig, *, teacher_logits=None, target=None,
+                      normalizer: float | None = None) -> tuple[torch.Tensor, dict]:
+    """(1 - alpha) * KD + alpha * CE over the positions whose label is not -100.
+
+    ``student_logits``/``teacher_logits``/``target`` are already aligned with ``labels`` (see
+    ``shift_for_next_token``). ``normalizer``: the number of valid positions to average over (defaults to this
+    batch's; pass the global count so that micro-batches and processes weigh tokens equally).
+    """
+    mask = labels != -100
+    n = normalizer if normalizer is not None else mask.sum().clamp(min=1)
+    kd = (kd_loss_per_token(student_logits, config, teacher_logits=teacher_logits, target=target) * mask).sum() / n
+    parts = {"kd_loss": kd.detach()}
+    loss = kd
+    if config.alpha > 0:
+        ce = F.cross_entropy(student_logits.float().reshape(-1, student_logits.size(-1)), labels.reshape(-1),
+                             ignore_index=-100, reduction="sum") / n
+        parts["ce_loss"] = ce.detach()
+        loss = (1 - config.alpha) * kd + config.alpha * ce
+    return loss, parts
+
+
+@torch.no_grad()
+def agreement_metrics(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Sums over valid positions: KL(teacher || student), top-1 agreement, student NLL; and the count."""
+    mask = labels != -100
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    top1 = (s.argmax(-1) == t.argmax(-1)).float()
+    nll = -s.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return {"kl_sum": float((kl * mask).sum()), "top1_sum": float((top1 * mask).sum()),
+            "nll_sum": float((nll * mask).sum()), "count": int(mask.sum()),
+            "kl_values": kl[mask].float().cpu()}
