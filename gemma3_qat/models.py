@@ -142,6 +142,12 @@ def resolve_model(name_or_path: str | None):
     raise FileNotFoundError(f"model {name_or_path} does not exist (neither a local directory nor a hub id)")
 
 
+def hub_error(source: str, exc: Exception) -> FileNotFoundError:
+    first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+    return FileNotFoundError(f"cannot get {source!r} from the hub ({first}); are you offline? pass a local "
+                             "checkpoint directory with --model")
+
+
 def load_gemma3(name_or_path: str | None, *, dtype=None, device=None, **kwargs):
     """Load a Gemma 3 checkpoint (text-only or multimodal) with transformers, with clear errors."""
     from transformers import AutoConfig, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
@@ -150,10 +156,7 @@ def load_gemma3(name_or_path: str | None, *, dtype=None, device=None, **kwargs):
     try:
         config = AutoConfig.from_pretrained(source)
     except OSError as e:
-        raise FileNotFoundError(
-            f"cannot get {source!r} from the hub ({str(e).splitlines()[0][:120]}); are you offline? "
-            "pass a local checkpoint directory with --model"
-        ) from None
+        raise hub_error(source, e) from None
     if config.model_type not in ("gemma3", "gemma3_text"):
         raise NotGemma3Error(f"{source} is not a Gemma 3 checkpoint (model_type {config.model_type!r})")
     cls = Gemma3ForConditionalGeneration if config.model_type == "gemma3" else Gemma3ForCausalLM

@@ -28,3 +28,19 @@ def tiny_multimodal_dir(tmp_path_factory, tokenizer_dir):
     from gemma3_qat.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mm"), tokenizer_dir, multimodal=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory):
+    """Small local training data in both formats: plain text and chat messages (JSONL)."""
+    import json
+
+    from gemma3_qat.tiny import sample_texts
+
+    root = tmp_path_factory.mktemp("data")
+    texts = sample_texts()
+    (root / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:120]))
+    chats = [{"messages": [{"role": "user", "content": f"Explain part {i}."},
+                           {"role": "assistant", "content": t[:300]}]} for i, t in enumerate(texts[120:200])]
+    (root / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    return root

@@ -38,7 +38,7 @@ import yaml
 
 from gemma3_qat import __version__
 from gemma3_qat.checkpoint import QAT_JSON, QATMetadata, copy_tokenizer_files
-from gemma3_qat.formats import get_format
+from gemma3_qat.formats import FormatError, get_format
 from gemma3_qat.qat.data import DataSource, MixtureSampler, build_data
 from gemma3_qat.qat.distill import KDConfig, agreement_metrics, distillation_loss, shift_for_next_token, sparse_target
 
@@ -429,14 +429,15 @@ class QATRecipe:
                    unit="step", dynamic_ncols=True)
         while self.step < c.steps:
             t_start = time.perf_counter()
-            metrics = self.train_step()
+            try:
+                metrics = self.train_step()
+            except FormatError as e:  # weights blew up beyond what the format can hold
+                raise self._diverged(self.step + 1, str(e)) from None
             self.step += 1
             metrics["tokens_per_s"] = metrics["tokens"] / max(time.perf_counter() - t_start, 1e-9)
             metrics["peak_mem_mb"] = _peak_memory_mb(self.device)
             if not math.isfinite(metrics["loss"]):
-                last = sorted((self.output / "checkpoints").glob("step-*"))
-                raise TrainingError(f"loss became {metrics['loss']} at step {self.step}; the last good checkpoint "
-                                    f"is {last[-1] if last else 'none'}: lower --lr or check the data, then --resume")
+                raise self._diverged(self.step, f"loss became {metrics['loss']}")
             if self.step % c.eval_every == 0 or self.step == c.steps:
                 last_val = self.validate()
                 metrics.update(last_val)
@@ -453,6 +454,11 @@ class QATRecipe:
         if metrics_log:
             metrics_log.close()
         return last_val
+
+    def _diverged(self, step: int, reason: str) -> TrainingError:
+        last = sorted((self.output / "checkpoints").glob("step-*"))
+        return TrainingError(f"training diverged at step {step} ({reason}); the last good checkpoint is "
+                             f"{last[-1] if last else 'none'}: lower --lr or check the data, then --resume")
 
     # ------------------------------------------------------------------------------------------------ cleanup
     def cleanup(self, final_metrics: dict) -> Path:
@@ -483,8 +489,12 @@ def _local_dir(source: str) -> str:
     from huggingface_hub import snapshot_download
 
     from gemma3_qat.checkpoint import TOKENIZER_FILES
+    from gemma3_qat.models import hub_error
 
-    return snapshot_download(source, allow_patterns=list(TOKENIZER_FILES))
+    try:
+        return snapshot_download(source, allow_patterns=list(TOKENIZER_FILES))
+    except Exception as e:  # offline, unknown id, gated
+        raise hub_error(source, e) from None
 
 
 def _fmt(metrics: dict) -> str:
