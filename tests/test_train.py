@@ -133,10 +133,12 @@ def test_ddp_two_processes_gives_the_same_loss_curve(tiny_text_dir, sample_data,
     l2 = [r["loss"] for r in metrics(tmp_path / "two") if "loss" in r]
     assert len(l1) == len(l2) == 4
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-4, atol=1e-5)
-    # fake quantization saw whole weights in every process: the trained weights agree too
+    # fake quantization saw whole weights in every process: the trained weights agree too, up to the order of
+    # the gradient all-reduce's float sums (measured: 1.6e-5 at most, on 0.05% of one tensor's elements, against
+    # updates of 1.3e-3 on average)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
 
 
 @pytest.mark.parametrize("mode", ["topk", "sampled"])

@@ -1,0 +1,105 @@
+"""GGUF export time and peak memory at the full Gemma 3 1B shape (random weights), in one run.
+
+    python benchmarks/export_gguf.py [--workdir /tmp/g3-bench] [--keep]
+
+Writes a QAT checkpoint as `train` does (fp32 latent weights, ~4 GB, int4-block, embedding quantized), exports it
+to GGUF in a child process and prints: checkpoint size, export seconds, throughput (MB/s of input weights, target
+>= 100), peak RSS above the interpreter's baseline (target <= 1.5 GB), output size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def make_checkpoint(out: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from gemma3_qat.checkpoint import QATMetadata
+    from gemma3_qat.models import GEMMA3_SHAPES
+    from gemma3_qat.tiny import build_tokenizer, tiny_text_config
+
+    s = GEMMA3_SHAPES["1b"]
+    config = tiny_text_config(s.vocab, hidden=s.hidden, ffn=s.ffn, layers=s.layers, heads=s.heads,
+                              kv_heads=s.kv_heads, head_dim=s.head_dim, sliding_window=s.sliding_window,
+                              context=s.context)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    build_tokenizer(out)  # a small SentencePiece model; the exporter pads the vocabulary to the embedding's rows
+    g = torch.Generator().manual_seed(0)
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    tensors = {"model.embed_tokens.weight": torch.randn(s.vocab, s.hidden, generator=g) * 0.02,
+               "model.norm.weight": torch.zeros(s.hidden)}
+    for i in range(s.layers):
+        p = f"model.layers.{i}."
+        for name, shape in (("self_attn.q_proj", (q, s.hidden)), ("self_attn.k_proj", (kv, s.hidden)),
+                            ("self_attn.v_proj", (kv, s.hidden)), ("self_attn.o_proj", (s.hidden, q)),
+                            ("mlp.gate_proj", (s.ffn, s.hidden)), ("mlp.up_proj", (s.ffn, s.hidden)),
+                            ("mlp.down_proj", (s.hidden, s.ffn))):
+            tensors[p + name + ".weight"] = torch.randn(*shape, generator=g) * 0.02
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            tensors[p + name + ".weight"] = torch.zeros(s.hidden)
+        tensors[p + "self_attn.q_norm.weight"] = torch.zeros(s.head_dim)
+        tensors[p + "self_attn.k_norm.weight"] = torch.zeros(s.head_dim)
+    save_file(tensors, out / "model.safetensors")
+    (out / "qat.json").write_text(QATMetadata("int4-block", quantize_embeddings=True, steps=0).to_json())
+
+
+def child(checkpoint: Path, output: Path) -> None:
+    from gemma3_qat.exporters.gguf import export_gguf
+
+    base = rss_mb()
+    t0 = time.perf_counter()
+    export_gguf(checkpoint, output, force=True, log=None)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "baseline_mb": base, "peak_mb": peak}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/gemma3-qat-bench-1b"))
+    p.add_argument("--keep", action="store_true", help="keep the 4 GB checkpoint for the next run")
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(Path(args.child[0]), Path(args.child[1]))
+        return
+    ckpt, out = args.workdir / "checkpoint", args.workdir / "model-q4_0.gguf"
+    if not (ckpt / "qat.json").exists():
+        make_checkpoint(ckpt)
+    size = (ckpt / "model.safetensors").stat().st_size
+    r = json.loads(subprocess.run([sys.executable, __file__, "--child", str(ckpt), str(out)], capture_output=True,
+                                  text=True, check=True).stdout.strip().splitlines()[-1])
+    print(f"# Gemma 3 1B shape, random weights, int4-block + quantized embedding, fp32 latent checkpoint")
+    print(f"checkpoint      {size / 1e9:.2f} GB")
+    print(f"export          {r['seconds']:.1f} s  ->  {size / 1e6 / r['seconds']:.0f} MB/s of input (target >= 100)")
+    print(f"peak RSS        {(r['peak_mb'] - r['baseline_mb']) / 1024:.2f} GB above the interpreter's "
+          f"{r['baseline_mb'] / 1024:.2f} GB baseline (target <= 1.5)")
+    print(f"GGUF            {out.stat().st_size / 1e9:.3f} GB ({out.stat().st_size / size:.3f} of the checkpoint)")
+    if not args.keep:
+        shutil.rmtree(args.workdir)
+
+
+if __name__ == "__main__":
+    main()
