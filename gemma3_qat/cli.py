@@ -149,12 +149,9 @@ def teacher_cache(
     build_from_config(config, output, force=force, batch_size=batch_size, log=typer.echo)
 
 
-def _default_recipe() -> Path | None:
-    """recipes/default.yaml of a source checkout, or the copy shipped in the package."""
-    for candidate in (Path("recipes/default.yaml"), Path(__file__).parent / "assets" / "default-recipe.yaml"):
-        if candidate.exists():
-            return candidate
-    return None
+def _default_recipe() -> Path:
+    """The embedded model's recipe, shipped in the package (recipes/default.yaml links to it)."""
+    return Path(__file__).parent / "assets" / "default-recipe.yaml"
 
 
 def _given(values: dict, exclude=()) -> dict:
