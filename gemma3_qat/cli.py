@@ -163,7 +163,13 @@ def _given(values: dict, exclude=()) -> dict:
 def export(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="QAT checkpoint (a train output) or any Gemma 3 HF "
                                                                "checkpoint. Default: the latest run in runs/.")] = None,
-    to: Annotated[str, typer.Option("--to", help="gguf (llama.cpp, Ollama, LM Studio).")] = "gguf",
+    to: Annotated[str, typer.Option("--to", help="gguf (llama.cpp, Ollama, LM Studio) or safetensors "
+                                    "(transformers, vLLM, gemma.cpp).")] = "gguf",
+    layout: Annotated[str, typer.Option(help="safetensors: unquantized (dequantized on-grid values), "
+                                        "compressed-tensors (vLLM pack-quantized int4) or sfp8 (codes + scale).")]
+    = "unquantized",
+    dtype: Annotated[Optional[str], typer.Option(help="safetensors storage dtype of float tensors: f32 (exact; "
+                                                 "default for unquantized), f16, bf16.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write. Default: inside "
                                                    "the checkpoint directory.")] = None,
     type: Annotated[Optional[str], typer.Option("--type", help="Plain (non-QAT) checkpoints: f32, f16, bf16, "
@@ -175,23 +181,33 @@ def export(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (tensor types, sizes); write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
 ):
-    """Export to GGUF: trained codes written exactly (int4 as Q4_0), tokenizer, chat template, mmproj.
+    """Export to GGUF (trained codes written exactly: int4 as Q4_0; tokenizer, chat template, mmproj) or safetensors.
 
     Examples:
       gemma3-qat export --to gguf                       # the latest run in runs/
       gemma3-qat export --to gguf runs/x -o x.gguf
       gemma3-qat export --to gguf ~/gemma-3-1b-pt --type q4_0   # the PTQ baseline
+      gemma3-qat export --to safetensors runs/x -o x-vllm --layout compressed-tensors
     """
     from gemma3_qat.exporters.gguf import export_gguf
     from gemma3_qat.qat.train import latest_run
 
-    if to != "gguf":
-        raise ValueError(f"unknown --to {to!r}; available: gguf")
+    if to not in ("gguf", "safetensors"):
+        raise ValueError(f"unknown --to {to!r}; choose gguf or safetensors")
     if checkpoint is None:
         checkpoint = latest_run()
         if checkpoint is None:
             raise FileNotFoundError("no checkpoint given and no run in runs/; train first or name a checkpoint")
         typer.echo(f"exporting the latest run: {checkpoint}")
+    if to == "safetensors":
+        from gemma3_qat.exporters.safetensors import export_safetensors
+
+        if output is None:
+            output = checkpoint.parent / f"{checkpoint.name}-{layout}"
+        out = export_safetensors(checkpoint, output, layout=layout, dtype=dtype, force=force, log=typer.echo)
+        size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        typer.echo(f"wrote {out} ({layout}, {size / 1e6:.2f} MB of safetensors)")
+        return
     plan = export_gguf(checkpoint, output, plain_type=type, embedding_type=embedding_type, lossy=lossy, force=force,
                        dry_run=dry_run, log=typer.echo)
     by_type: dict[str, int] = {}
@@ -204,6 +220,34 @@ def export(
     typer.echo(f"{'would write' if dry_run else 'wrote'} {plan.path} (tensor data {plan.nbytes / 1e6:.2f} MB: {summary})")
     for note in plan.notes:
         typer.echo(f"note: {note}")
+
+
+@app.command("eval")
+def eval_(
+    candidates: Annotated[list[Path], typer.Argument(help="QAT checkpoints (fake quantization from qat.json, "
+                                                         "PyTorch) and/or .gguf files (run in llama.cpp).")],
+    teacher: Annotated[Optional[str], typer.Option(help="Unquantized reference. Default: the teacher in the "
+                                                   "candidates' qat.json, else the embedded model.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(help="Held-out FILE (.jsonl/.txt...), repeatable. Default: "
+                                                           "the embedded validation split.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per evaluation window.")] = 256,
+    max_windows: Annotated[int, typer.Option(help="Windows to evaluate.")] = 32,
+    baseline: Annotated[Optional[str], typer.Option(help="Name of the PTQ candidate to compute recovered "
+                                                         "fractions against (default: the 0-step one).")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print a markdown table.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+):
+    """Compare candidates with the teacher: perplexity, KL (mean, p99), top-1 agreement, recovered fraction.
+
+    Examples:
+      gemma3-qat eval runs/ptq runs/qat                      # PyTorch, fake quantization applied
+      gemma3-qat eval runs/ptq/ptq.gguf runs/qat/qat.gguf    # the shipped files, in llama.cpp
+    """
+    from gemma3_qat.evaluate import evaluate
+
+    report = evaluate(candidates, teacher=teacher, data=data or None, seq_len=seq_len, max_windows=max_windows,
+                      baseline=baseline, log=(lambda *_: None) if as_json else typer.echo)
+    typer.echo(report.to_json() if as_json else report.table(markdown=markdown))
 
 
 @app.command()
