@@ -125,10 +125,13 @@ def test_ddp_two_processes_gives_the_same_loss_curve(tiny_text_dir, sample_data,
     two = config(tiny_text_dir, sample_data, tmp_path / "two", steps=4, micro_batch_size=1, eval_every=100,
                  save_every=100)
     subprocess.run([sys.executable, "-m", "gemma3_qat.cli", *cli_args(one)], env=ENV, check=True, capture_output=True)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
-              "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gemma3_qat.cli", *cli_args(two)]
-    result = subprocess.run(launch, env=ENV, capture_output=True, text=True)
+    # accelerate 1.15's `accelerate launch --cpu --num_processes 2` starts ONE non-distributed process; torchrun
+    # (what accelerate launch wraps) with ACCELERATE_USE_CPU gives two gloo processes that Accelerator sees as DDP
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "gemma3_qat.cli", *cli_args(two)]
+    result = subprocess.run(launch, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("QAT checkpoint:") == 1  # one main process, not two independent runs
     l1 = [r["loss"] for r in metrics(tmp_path / "one") if "loss" in r]
     l2 = [r["loss"] for r in metrics(tmp_path / "two") if "loss" in r]
     assert len(l1) == len(l2) == 4

@@ -167,6 +167,8 @@ class QATRecipe:
             mixed = "bf16" if torch.cuda.is_available() else "no"
         self.accelerator = acc = Accelerator(mixed_precision=mixed, log_with=c.log_with or None,
                                              project_dir=c.output)
+        if not acc.is_main_process:
+            self.log = lambda *_: None  # one process speaks
         self.device = acc.device
         self.is_fsdp = acc.distributed_type.name == "FSDP"
         self.output = self._prepare_output()
@@ -179,7 +181,7 @@ class QATRecipe:
         self.data_sources = [DataSource.parse(s) for s in c.data] or [DataSource(str(p)) for p in sample_data_files()]
         self.train_data, self.valid_data = build_data(
             self.data_sources, self.tokenizer, c.seq_len, validation_percent=c.validation_percent,
-            assistant_only=c.assistant_only, log=self.log if acc.is_main_process else lambda *_: None)
+            assistant_only=c.assistant_only, log=self.log)
         self.sampler = MixtureSampler(self.train_data, [s.weight for s in self.data_sources], c.seed)
         per_step = acc.num_processes * c.micro_batch_size
         if c.batch_size % per_step:
@@ -212,8 +214,11 @@ class QATRecipe:
         no_decay = [p for p in student.parameters() if p.requires_grad and p.dim() < 2]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=c.lr, betas=(0.9, 0.95))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
-        self.student, self.optimizer, self.scheduler = acc.prepare(student, optimizer, scheduler)
+        # The schedule counts optimizer steps of the global batch. accelerate's prepared scheduler would step once
+        # per process per call (it assumes per-process batches): keep it ours, and checkpoint it with the rest.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        acc.register_for_checkpointing(self.scheduler)
+        self.student, self.optimizer = acc.prepare(student, optimizer)
         self.step = 0
         if self.resume:
             self._load_last_checkpoint()
@@ -507,5 +512,5 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False, log
     recipe.setup()
     final = recipe.train()
     out = recipe.cleanup(final)
-    log(f"QAT checkpoint: {out}  ({_fmt(final)})")
+    recipe.log(f"QAT checkpoint: {out}  ({_fmt(final)})")
     return out
