@@ -22,12 +22,14 @@ from gemma3_qat.formats import FORMATS  # noqa: E402
 from gemma3_qat.qat.fake_quant import FakeQuantizer  # noqa: E402
 
 
-def median_time(fn, repeat: int) -> float:
+def median_time(fn, repeat: int, sync=lambda: None) -> float:
     fn()  # warm-up
+    sync()
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -38,10 +40,12 @@ def main():
     p.add_argument("--in", dest="inp", type=int, default=8192)
     p.add_argument("--tokens", type=int, nargs="+", default=[8192, 512])
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
 
     torch.manual_seed(0)
-    w = torch.randn(args.out, args.inp) * 0.02
+    w = torch.randn(args.out, args.inp, device=args.device) * 0.02
+    sync = torch.cuda.synchronize if w.is_cuda else (lambda: None)
     candidates = {name: (lambda f=f: f.fake_quantize_values(w)) for name, f in FORMATS.items()}
     try:
         from torchao.quantization.qat import IntxFakeQuantizeConfig
@@ -55,14 +59,15 @@ def main():
     cached.quantized_values(w)
     candidates["int4-block, cache hit"] = lambda: cached.quantized_values(w)
 
-    quant_times = {name: median_time(fn, args.repeat) for name, fn in candidates.items()}
-    print(f"# weight {args.out}x{args.inp} fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    quant_times = {name: median_time(fn, args.repeat, sync) for name, fn in candidates.items()}
+    where = torch.cuda.get_device_name() if w.is_cuda else f"{torch.get_num_threads()} CPU threads"
+    print(f"# weight {args.out}x{args.inp} fp32, {where}, torch {torch.__version__}")
     header = f"{'format':<26}{'fake-quant ms':>14}" + "".join(f"{f'/ matmul@{n}':>16}" for n in args.tokens)
     print(header)
     matmul = {}
     for n in args.tokens:
-        x = torch.randn(n, args.inp)
-        matmul[n] = median_time(lambda: x @ w.T, args.repeat)
+        x = torch.randn(n, args.inp, device=args.device)
+        matmul[n] = median_time(lambda: x @ w.T, args.repeat, sync)
     for name, t in quant_times.items():
         print(f"{name:<26}{t * 1e3:>14.1f}" + "".join(f"{t / matmul[n]:>15.3f}x" for n in args.tokens))
     print("# matmul ms: " + ", ".join(f"{n} tokens {matmul[n] * 1e3:.1f}" for n in args.tokens))

@@ -96,6 +96,8 @@ def train(
     kd_alpha: Annotated[Optional[float], typer.Option("--kd-alpha", help="Weight of the next-token loss.")] = None,
     teacher_cache: Annotated[Optional[str], typer.Option(help="Train from this teacher cache (no live teacher).")] = None,
     assistant_only: AssistantOnly = None,
+    mixed_precision: Annotated[Optional[str], typer.Option(help="auto (bf16 autocast on CUDA, none on CPU), bf16 "
+                                                           "or no.")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option(
         "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward.")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Validate every N steps.")] = None,
