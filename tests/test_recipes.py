@@ -1,0 +1,51 @@
+"""Every recipe loads into a valid TrainConfig; every accelerate config parses with accelerate's own loader."""
+
+from pathlib import Path
+
+import pytest
+
+from gemma3_qat.formats import FORMATS
+from gemma3_qat.models import GEMMA3_SHAPES
+from gemma3_qat.qat.train import TrainConfig
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.mark.parametrize("size", list(GEMMA3_SHAPES))
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_size_format_recipes(size, fmt):
+    path = RECIPES / f"gemma3-{size}-{fmt}.yaml"
+    config = TrainConfig.from_recipe(path)
+    assert config.format == fmt and config.steps == 5000
+    assert config.model == f"google/gemma-3-{size}-pt"
+    assert config.batch_size % config.micro_batch_size == 0
+    assert config.seq_len <= GEMMA3_SHAPES[size].context
+    assert "Hardware assumed" in (RECIPES / f"gemma3-{size}.yaml").read_text()
+    assert TrainConfig.from_recipe(path, steps=10, lr=1e-4).steps == 10  # flags override the recipe
+
+
+def test_default_and_pretrain_recipes_load():
+    assert TrainConfig.from_recipe(RECIPES / "default.yaml", format="sfp8").model is None
+    from gemma3_qat.pretrain import PretrainRecipe
+
+    recipe = PretrainRecipe.load(RECIPES / "default-pretrain.yaml")
+    assert recipe.sliding_window < recipe.seq_len and recipe.hidden % 32 == 0 and recipe.ffn % 32 == 0
+
+
+def test_unknown_recipe_key_is_named(tmp_path):
+    (tmp_path / "r.yaml").write_text("format: int4-block\nlearning_rate: 1e-5\n")
+    with pytest.raises(ValueError, match=r"unknown recipe keys \['learning_rate'\]"):
+        TrainConfig.from_recipe(tmp_path / "r.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((RECIPES / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.mixed_precision == "bf16"  # never fp16: Gemma 3 activations overflow
+    if "fsdp" in path.name:
+        assert config.distributed_type == "FSDP"
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "Gemma3DecoderLayer"
+        assert config.num_processes == int(path.name.split("-")[1].removesuffix("gpu.yaml"))
