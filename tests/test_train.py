@@ -174,6 +174,7 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_text_dir, sample_d
         config(tiny_text_dir, sample_data, tmp_path / "a", format="int2")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(config(tiny_text_dir, sample_data, tmp_path / "b", model=str(tmp_path / "nope")), **quiet)
+    assert not (tmp_path / "b").exists()  # nothing written for a run that could not start
     with pytest.raises(FileNotFoundError, match="offline"):
         train(config(tiny_text_dir, sample_data, tmp_path / "c", model="google/gemma-3-1b-pt"), **quiet)
     with pytest.raises(ValueError, match="beyond the model's context of 512"):

@@ -87,6 +87,8 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "micro_batch_size", "eval_rows", "save_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.fake_quant_cache not in ("auto", "on", "off"):
+            raise ValueError(f"--fake-quant-cache must be auto, on or off, got {self.fake_quant_cache!r}")
         if self.steps < 0:
             raise ValueError(f"--steps must be 0 (post-training quantization only) or more, got {self.steps}")
         if self.mixed_precision not in ("auto", "no", "bf16"):
@@ -171,7 +173,7 @@ class QATRecipe:
             self.log = lambda *_: None  # one process speaks
         self.device = acc.device
         self.is_fsdp = acc.distributed_type.name == "FSDP"
-        self.output = self._prepare_output()
+        self.output = self._check_output()
         set_seed(c.seed)
 
         self.model_source = resolve_model(c.model)
@@ -199,6 +201,7 @@ class QATRecipe:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.config.use_cache = False
 
+        self._create_output()  # model, data and flags are valid: now the run directory may be written
         self.teacher = None
         self.teacher_cache = None
         if c.teacher_cache:
@@ -235,7 +238,7 @@ class QATRecipe:
         progress = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
         return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    def _prepare_output(self) -> Path:
+    def _check_output(self) -> Path:
         c = self.config
         if c.output is None:
             previous = latest_run() if self.resume else None
@@ -254,11 +257,14 @@ class QATRecipe:
             for key in ("format", "model", "quantize_embeddings", "kd", "seq_len", "batch_size", "seed"):
                 if previous.get(key) != getattr(c, key):
                     raise ValueError(f"--resume: {key} was {previous.get(key)!r} in {out}, now {getattr(c, key)!r}")
-        if holds_run and self.force and not self.resume and self.accelerator.is_main_process:
-            shutil.rmtree(out)
-        self.accelerator.wait_for_everyone()
-        out.mkdir(parents=True, exist_ok=True)
+        self._replace_run = holds_run and self.force and not self.resume
         return out
+
+    def _create_output(self) -> None:
+        if self._replace_run and self.accelerator.is_main_process:
+            shutil.rmtree(self.output)
+        self.accelerator.wait_for_everyone()
+        self.output.mkdir(parents=True, exist_ok=True)
 
     def _cache_fingerprint(self) -> dict:
         from gemma3_qat.qat.teacher_cache import fingerprint
