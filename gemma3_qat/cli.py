@@ -276,6 +276,84 @@ def inspect(
                f"({', '.join(f'{k} {v:,}' for k, v in info['bytes_by_type'].items())}); file {info['file_bytes']:,} bytes")
 
 
+@app.command()
+def memory(
+    model: Annotated[Optional[str], typer.Option(help="1b, 4b, 12b, 27b or a directory with a Gemma 3 config.json. "
+                                                 "Default: an overview of the four sizes.")] = None,
+    format: Annotated[Optional[list[str]], typer.Option("--format", "-f", help="bf16, int4-channel, int4-block, "
+                                                        "sfp8 (or f32, f16, q8_0, q4_0); repeatable. Default: "
+                                                        "Table 3's four.")] = None,
+    container: Annotated[Optional[str], typer.Option(help="gguf (what our exporter writes) or compact "
+                                                     "(compressed-tensors / gemma.cpp). Default: both.")] = None,
+    embedding: Annotated[str, typer.Option(help="auto (gguf Q8_0, compact bf16), quantized (trained on the "
+                                           "format's grid), or f32, f16, bf16, q8_0, q4_0.")] = "auto",
+    vision: Annotated[str, typer.Option(help="auto (gguf: mmproj F16/F32; compact: bf16), none, f32, f16, "
+                                        "bf16.")] = "auto",
+    context: Annotated[int, typer.Option(help="KV cache context in tokens.")] = 32_768,
+    kv_dtype: Annotated[str, typer.Option("--kv-dtype", help="bf16, f16, f32, q8_0 or q4_0.")] = "bf16",
+    batch: Annotated[int, typer.Option(help="Sequences (KV cache); micro-batch per GPU (--training).")] = 1,
+    table3: Annotated[bool, typer.Option("--table3", help="Table 3 of the report: published, reproduced, first "
+                                         "principles.")] = False,
+    training: Annotated[bool, typer.Option("--training", help="QAT training memory per GPU.")] = False,
+    seq_len: Annotated[int, typer.Option(help="--training: tokens per sequence.")] = 2048,
+    gpus: Annotated[int, typer.Option(help="--training: GPUs (FSDP shards weights, gradients, AdamW).")] = 1,
+    device: Annotated[str, typer.Option(help="--training: cuda (bf16) or cpu (fp32).")] = "cuda",
+    kd: Annotated[str, typer.Option("--kd", help="--training: full, sampled or topk.")] = "full",
+    measure: Annotated[Optional[Path], typer.Option(help="Compare a .gguf file with the prediction, tensor by "
+                                                    "tensor.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV output.")] = False,
+    as_markdown: Annotated[bool, typer.Option("--markdown", help="Markdown tables.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG: KV vs context, weights + KV per format "
+                                                 "(needs matplotlib).")] = None,
+    check: Annotated[Optional[Path], typer.Option(help="Compare with a baseline JSON; exit 1 on drift.")] = None,
+    update_baseline: Annotated[Optional[Path], typer.Option(help="Rewrite this baseline JSON.")] = None,
+    tolerance: Annotated[float, typer.Option(help="--check: allowed relative drift.")] = 0.0,
+):
+    """Memory of Gemma 3: parameters, weights per format, KV cache, training; Table 3 of the report; CI baseline.
+
+    GB = 1e9 bytes. Examples:
+      gemma3-qat memory --table3
+      gemma3-qat memory --model 27b --context 32768 --kv-dtype q8_0
+      gemma3-qat memory --model 27b --training --gpus 8 --seq-len 2048
+      gemma3-qat memory --measure model-int4-block.gguf
+      gemma3-qat memory --check benchmarks/memory-baseline.json
+    """
+    from gemma3_qat import memory as mem
+
+    views = [n for n, on in (("--table3", table3), ("--training", training), ("--measure", measure),
+                             ("--check", check), ("--update-baseline", update_baseline)) if on]
+    styles = [n for n, on in (("json", as_json), ("csv", as_csv), ("markdown", as_markdown)) if on]
+    if len(views) > 1 or len(styles) > 1:
+        raise ValueError(f"choose one of {' / '.join(views if len(views) > 1 else ['--' + s for s in styles])}")
+    formats = tuple(format or mem.TABLE_FORMATS)
+    containers = (container,) if container else mem.CONTAINERS
+    if table3:
+        report = mem.table3_report(embedding)
+    elif training:
+        report = mem.training_report(model or "27b", mem.TrainingOptions(
+            seq_len=seq_len, micro_batch=batch, gpus=gpus, device=device, kd=kd,
+            quantize_embeddings=embedding == "quantized"))
+    elif measure:
+        report = mem.measure_report(measure, format=format[0] if format else None, embedding=embedding,
+                                    per_tensor=bool(styles))
+    elif check:
+        report = mem.check_report(check, tolerance)
+    elif update_baseline:
+        report = mem.update_baseline_report(update_baseline)
+    elif model is None:
+        report = mem.overview_report(context, batch=batch, kv_dtype=kv_dtype, formats=formats, embedding=embedding,
+                                     vision=vision)
+    else:
+        report = mem.model_report(model, formats, containers, context=context, batch=batch, kv_dtype=kv_dtype,
+                                  embedding=embedding, vision=vision)
+    typer.echo(report.render(styles[0] if styles else "text"), nl=False)
+    if plot:
+        typer.echo(f"wrote {mem.plot(plot, model or '27b', formats=formats, kv_dtype=kv_dtype)}", err=bool(styles))
+    if report.failed:
+        raise typer.Exit(1)
+
+
 @app.command("pretrain-default", hidden=True)
 def pretrain_default(
     recipe: str = typer.Option("recipes/default-pretrain.yaml", help="Pretraining recipe (YAML)."),
