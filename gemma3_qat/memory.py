@@ -1174,7 +1174,9 @@ def _render_text(table: Table) -> str:
     def line(values):
         return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
 
-    lines = [table.title, line(table.columns), line(["-" * w for w in widths])] + [line(r) for r in cells]
+    lines = [table.title]
+    if cells:  # an empty table (e.g. no drifted cells) is just its title and notes
+        lines += [line(table.columns), line(["-" * w for w in widths])] + [line(r) for r in cells]
     return "\n".join(lines + [f"  {n}" for n in table.notes]) + "\n"
 
 

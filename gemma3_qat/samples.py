@@ -13,9 +13,11 @@ from gemma3_qat.corpus import Document
 
 
 def text_samples(docs: list[Document], n: int, chars: int = 1500, seed: int = 0) -> list[dict]:
+    """``n`` excerpts of ``chars`` characters, files drawn in proportion to their length (big modules give more)."""
     rng = random.Random(seed)
+    weights = [len(d.text) for d in docs]
     out = []
-    for doc in rng.sample(docs, min(n, len(docs))):
+    for doc in rng.choices(docs, weights=weights, k=n):
         start = rng.randrange(max(1, len(doc.text) - chars))
         out.append({"text": doc.text[start:start + chars]})
     return out
