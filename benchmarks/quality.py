@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # one table at the end, not a progress bar per run
 
 import torch  # noqa: E402
 

@@ -104,7 +104,7 @@ def pretrain_default(recipe: PretrainRecipe, output: Path, log=print) -> dict:
         for d in valid_docs:
             f.write(json.dumps({"path": d.path, "text": d.text}) + "\n")
     chat = samples.chat_samples(train_docs, 4000, seed=recipe.seed)
-    for name, rows in (("sample-text.jsonl", samples.text_samples(train_docs, 300, seed=recipe.seed)),
+    for name, rows in (("sample-text.jsonl", samples.text_samples(train_docs, 1500, seed=recipe.seed)),
                        ("sample-chat.jsonl", chat[:300])):
         (work / "data" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     log(f"corpus: {len(train_docs)} train / {len(valid_docs)} validation files")
@@ -238,7 +238,7 @@ The Python {manifest['python']} standard library of the interpreter that built i
 and {n_valid} validation files, split by top-level module ({manifest['validation_rule']}). The file list with
 SHA-256 hashes is `data/stdlib-manifest.json`; the validation split itself is `data/validation.jsonl.gz`, so results
 are comparable on any machine. 10% of each batch is chat-templated docstring Q&A from the train split
-(`data/sample-chat.jsonl` holds 300 of them; `data/sample-text.jsonl` 300 text excerpts: the bundled sample data).
+(`data/sample-chat.jsonl` holds 300 of them; `data/sample-text.jsonl` 1,500 text excerpts of 1,500 characters: the bundled sample data, mixed 0.8 text / 0.2 chat by default).
 
 ## Training
 Plain next-token loss, AdamW (betas 0.9/0.95), warmup + cosine, gradient clipping 1.0, one process, 2 CPU threads:

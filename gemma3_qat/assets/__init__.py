@@ -18,10 +18,17 @@ def default_model_path() -> Path:
     return DEFAULT_MODEL
 
 
+SAMPLE_MIXTURE = {"sample-text.jsonl": 0.8, "sample-chat.jsonl": 0.2}  # mostly text, like the pretraining data
+
+
 def sample_data_files() -> list[Path]:
     """The bundled sample datasets: plain text and chat ``messages`` JSONL (from the training split)."""
-    data = DEFAULT_MODEL / "data"
-    return [data / "sample-text.jsonl", data / "sample-chat.jsonl"]
+    return [DEFAULT_MODEL / "data" / name for name in SAMPLE_MIXTURE]
+
+
+def sample_data_specs() -> list[str]:
+    """The bundled sample data as ``--data FILE:WEIGHT`` specs: the default mixture of ``train``."""
+    return [f"{DEFAULT_MODEL / 'data' / name}:{weight}" for name, weight in SAMPLE_MIXTURE.items()]
 
 
 def validation_documents() -> list[dict]:

@@ -71,6 +71,10 @@ class FakeQuantLinear(nn.Linear):
         return linear
 
 
+_EMBEDDING_ATTRS = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
+                    "sparse")
+
+
 class FakeQuantEmbedding(nn.Embedding):
     """An embedding whose lookup reads the fake-quantized table, keeping Gemma's ``sqrt(hidden)`` scale.
 
@@ -80,8 +84,7 @@ class FakeQuantEmbedding(nn.Embedding):
 
     def __init__(self, embedding: nn.Embedding, quantizer: FakeQuantizer):
         nn.Module.__init__(self)
-        for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
-                     "scale_grad_by_freq", "sparse"):
+        for attr in _EMBEDDING_ATTRS:
             setattr(self, attr, getattr(embedding, attr))
         self.weight = embedding.weight
         self._original_class = type(embedding)
@@ -105,8 +108,7 @@ class FakeQuantEmbedding(nn.Embedding):
         cls = self._original_class
         emb = cls.__new__(cls)
         nn.Module.__init__(emb)
-        for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
-                     "scale_grad_by_freq", "sparse"):
+        for attr in _EMBEDDING_ATTRS:
             setattr(emb, attr, getattr(self, attr))
         emb.weight = self.weight
         for k, v in self._original_attrs.items():

@@ -124,7 +124,7 @@ class TeacherCache:
 
 def build_from_config(config, output: str | Path, *, force: bool = False, batch_size: int = 8, log=print) -> Path:
     """``gemma3-qat teacher-cache``: the same model/data/KD flags as ``train``; writes the cache atomically."""
-    from gemma3_qat.assets import sample_data_files
+    from gemma3_qat.assets import sample_data_specs
     from gemma3_qat.checkpoint import atomic_directory
     from gemma3_qat.models import load_gemma3, resolve_model
     from gemma3_qat.qat.data import DataSource, build_data
@@ -134,7 +134,7 @@ def build_from_config(config, output: str | Path, *, force: bool = False, batch_
     model_source = resolve_model(config.model)
     teacher_source = resolve_model(config.teacher) if config.teacher else model_source
     tokenizer = load_tokenizer(_local_dir(model_source))
-    sources = [DataSource.parse(s) for s in config.data] or [DataSource(str(p)) for p in sample_data_files()]
+    sources = [DataSource.parse(s) for s in (config.data or sample_data_specs())]
     train_data, valid_data = build_data(sources, tokenizer, config.seq_len, validation_percent=config.validation_percent,
                                         assistant_only=config.assistant_only, log=log)
     kd = config.kd_config

@@ -153,7 +153,7 @@ class QATRecipe:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from gemma3_qat.assets import sample_data_files
+        from gemma3_qat.assets import sample_data_specs
         from gemma3_qat.models import load_gemma3, resolve_model
         from gemma3_qat.qat.prepare import prepare
         from gemma3_qat.tokenizer import load_tokenizer
@@ -180,7 +180,7 @@ class QATRecipe:
         self.teacher_source = resolve_model(c.teacher) if c.teacher else self.model_source
         self.tokenizer_dir = _local_dir(self.model_source)
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
-        self.data_sources = [DataSource.parse(s) for s in c.data] or [DataSource(str(p)) for p in sample_data_files()]
+        self.data_sources = [DataSource.parse(s) for s in (c.data or sample_data_specs())]
         self.train_data, self.valid_data = build_data(
             self.data_sources, self.tokenizer, c.seq_len, validation_percent=c.validation_percent,
             assistant_only=c.assistant_only, log=self.log)
