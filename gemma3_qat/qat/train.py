@@ -436,7 +436,8 @@ class QATRecipe:
             record({"step": 0, "fake_quant": True, **last_val})
             self.log("step 0 (post-training quantization): " + _fmt(last_val))
             self.initial_validation = last_val
-        bar = tqdm(total=c.steps, initial=self.step, disable=not acc.is_main_process, desc=f"QAT {c.format}",
+        quiet = not acc.is_main_process or bool(os.environ.get("TQDM_DISABLE"))
+        bar = tqdm(total=c.steps, initial=self.step, disable=quiet, desc=f"QAT {c.format}",
                    unit="step", dynamic_ncols=True)
         while self.step < c.steps:
             t_start = time.perf_counter()
