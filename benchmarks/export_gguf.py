@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -22,10 +21,12 @@ from pathlib import Path
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 
-def rss_mb() -> float:
+def status_mb(key: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process. Not ru_maxrss: Linux carries it over fork + exec, so a child
+    would report its parent's peak (here: the parent that built the 4 GB checkpoint)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -68,11 +69,11 @@ def make_checkpoint(out: Path) -> None:
 def child(checkpoint: Path, output: Path) -> None:
     from gemma3_qat.exporters.gguf import export_gguf
 
-    base = rss_mb()
+    base = status_mb("VmRSS")
     t0 = time.perf_counter()
     export_gguf(checkpoint, output, force=True, log=None)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mb("VmHWM")
     print(json.dumps({"seconds": seconds, "baseline_mb": base, "peak_mb": peak}))
 
 
@@ -91,7 +92,7 @@ def main():
     size = (ckpt / "model.safetensors").stat().st_size
     r = json.loads(subprocess.run([sys.executable, __file__, "--child", str(ckpt), str(out)], capture_output=True,
                                   text=True, check=True).stdout.strip().splitlines()[-1])
-    print(f"# Gemma 3 1B shape, random weights, int4-block + quantized embedding, fp32 latent checkpoint")
+    print("# Gemma 3 1B shape, random weights, int4-block + quantized embedding, fp32 latent checkpoint")
     print(f"checkpoint      {size / 1e9:.2f} GB")
     print(f"export          {r['seconds']:.1f} s  ->  {size / 1e6 / r['seconds']:.0f} MB/s of input (target >= 100)")
     print(f"peak RSS        {(r['peak_mb'] - r['baseline_mb']) / 1024:.2f} GB above the interpreter's "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,6 @@ def run_variant(variant: str, batch: int, steps: int, cache_dir: str) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from gemma3_qat.qat.data import PackedData
     from gemma3_qat.qat.distill import KDConfig, distillation_loss, shift_for_next_token, sparse_target
     from gemma3_qat.qat.prepare import prepare
 
@@ -94,7 +92,13 @@ def run_variant(variant: str, batch: int, steps: int, cache_dir: str) -> dict:
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     return {"variant": variant, "batch": batch, "step_s": statistics.median(times[1:]),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """VmHWM of this process (ru_maxrss would carry over the parent's peak across fork + exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def build_cache(cache_dir: Path, rows: int) -> None:

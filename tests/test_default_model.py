@@ -6,7 +6,6 @@ import sys
 import zipfile
 
 import pytest
-import torch
 
 from gemma3_qat.assets import default_model_path, sample_data_files, validation_documents
 

@@ -3,7 +3,6 @@
 Uses the embedded default model: a trained teacher, so that logits are far from flat and agreement means something.
 """
 
-import json
 
 import numpy as np
 import pytest

@@ -315,7 +315,7 @@ def test_training_components():
 
 
 TRAIN_SCRIPT = textwrap.dedent("""
-    import json, os, resource, sys
+    import json, os, sys
     import torch
     from transformers import Gemma3ForCausalLM
     from gemma3_qat.tiny import tiny_text_config
@@ -354,7 +354,9 @@ TRAIN_SCRIPT = textwrap.dedent("""
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    print(json.dumps({"growth": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}))
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so this child would report pytest's peak
+    hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"growth": hwm - base}))
 """)
 
 
