@@ -122,3 +122,26 @@ def test_bad_input(tiny_text_dir, tmp_path):
         export_safetensors(tmp_path / "ckpt", tmp_path / "out", layout="sfp8", log=None)
     assert not (tmp_path / "x").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directories left
+
+
+def test_large_exports_are_sharded_with_an_index(tiny_text_dir, tmp_path):
+    student = make_qat_checkpoint(tiny_text_dir, tmp_path / "ckpt", "int4-block", quantize_embeddings=True)
+    export_safetensors(tmp_path / "ckpt", tmp_path / "out", layout="unquantized", max_shard_bytes=200_000, log=None)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == set(shards)
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids()).logits, student.eval()(input_ids=ids()).logits,
+                                   rtol=0, atol=1e-5)
+    # the exporters read sharded checkpoints too: the on-grid values re-quantize to the trained Q4_0 bytes
+    from gguf import GGUFReader
+
+    from gemma3_qat.exporters.gguf import export_gguf, text_gguf_name
+
+    export_gguf(tmp_path / "out", tmp_path / "m.gguf", log=None)
+    tensors = {t.name: t for t in GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    for name, linear in quantizable_linears(student).items():
+        trained = q4_0_blocks(get_format("int4-block").quantize(linear.weight))
+        assert np.array_equal(np.asarray(tensors[text_gguf_name(name + ".weight")].data), trained), name
