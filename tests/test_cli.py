@@ -3,6 +3,8 @@
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -30,9 +32,17 @@ def test_formats_lists_bits_and_runtimes():
     assert "vLLM" in rows["int4-channel"]["runs_on"]
 
 
-@pytest.mark.skipif(shutil.which("gemma3-qat") is None, reason="console script not installed")
+def console_script() -> str:
+    """The installed entry point: beside this interpreter (a venv run without activation), else on PATH."""
+    beside = Path(sys.executable).with_name("gemma3-qat")
+    found = str(beside) if beside.exists() else shutil.which("gemma3-qat")
+    assert found, "the gemma3-qat console script is not installed: pip install -e ."
+    return found
+
+
 def test_console_script_user_errors_are_one_line():
-    ok = subprocess.run(["gemma3-qat", "formats"], capture_output=True, text=True)
+    script = console_script()
+    ok = subprocess.run([script, "formats"], capture_output=True, text=True)
     assert ok.returncode == 0 and "Q4_0" in ok.stdout
-    bad = subprocess.run(["gemma3-qat", "no-such-command"], capture_output=True, text=True)
+    bad = subprocess.run([script, "no-such-command"], capture_output=True, text=True)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
