@@ -3,8 +3,8 @@
     gemma3-qat teacher-cache --kd topk --kd-k 256 -o cache/          # same data flags as train
     gemma3-qat train --format int4-block --teacher-cache cache/ --kd topk --kd-k 256
 
-Stored per packed row, as an Arrow dataset (``datasets``): the row id, for each position the ``k`` ids and their
-log-probabilities renormalised over them (exactly the live ``sampled`` / ``topk`` target), and the teacher's top-1
+Stored per packed row, as an Arrow dataset (``datasets``): the row id, for each position the ``k`` ids and the log
+of their target weights (exactly the live ``sampled`` / ``topk`` target, see ``distill``), and the teacher's top-1
 id (for validation agreement). Bytes per token: ``k * 8 + 4`` (int32 ids, fp32 log-probabilities, top-1): 2,052
 for k = 256, against 524,288 for full fp16 logits over Gemma 3's 262,144-token vocabulary. One cache serves all
 three formats. A fingerprint of teacher, tokenizer, packed data and KD settings guards against mixing them up.
@@ -21,7 +21,7 @@ import torch
 
 from gemma3_qat.qat.distill import KDConfig, SparseTarget, sparse_target
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: unbiased sampled targets, top-k with its tail class
 META = "teacher-cache.json"
 
 
