@@ -86,7 +86,8 @@ def main():
             print(f"built {ggufs[-1].name}", flush=True)
     if not args.no_torchao and "int4-block" in args.formats:
         formats.FORMATS["torchao-int4-g32"] = TorchaoInt4G32()  # registered for this process only
-        ckpt = run("qat-torchao-int4-g32", format="torchao-int4-g32", **steps)
+        peer = TrainConfig.from_recipe(RECIPE, format="int4-block")  # the peer trains exactly like int4-block
+        ckpt = run("qat-torchao-int4-g32", format="torchao-int4-g32", lr=peer.lr, **steps)
         plain = torchao_to_plain_checkpoint(ckpt, args.workdir / "torchao-plain")
         ggufs.append(export_gguf(plain, args.workdir / "qat-torchao-int4-g32-requantized-q4_0.gguf",
                                  plain_type="q4_0", force=True, log=None).path)

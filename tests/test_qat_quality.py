@@ -1,5 +1,5 @@
 """QAT does its job on a trained teacher (the embedded default model): 50 steps reduce the validation KL to the
-teacher relative to step 0 (post-training quantization), for every KD mode."""
+teacher relative to step 0 (post-training quantization), for every KD mode and format."""
 
 import json
 from pathlib import Path
@@ -21,7 +21,4 @@ def test_fifty_steps_reduce_kl_to_the_teacher(tmp_path, fmt, kd):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     before, after = rows[0]["val_kl"], rows[-1]["val_kl"]
     print(f"{fmt} {kd}: validation KL {before:.5f} (PTQ) -> {after:.5f} after 50 steps")
-    if fmt == "sfp8":
-        assert after <= before * 1.02  # little to recover: it must not get worse
-    else:
-        assert after < 0.9 * before
+    assert after < 0.9 * before  # sfp8 has little to recover (KL 0.0008), but its recipe lr still recovers some

@@ -32,6 +32,17 @@ def test_default_and_pretrain_recipes_load():
     assert recipe.sliding_window < recipe.seq_len and recipe.hidden % 32 == 0 and recipe.ffn % 32 == 0
 
 
+def test_a_recipe_value_can_depend_on_the_format(tmp_path):
+    (tmp_path / "r.yaml").write_text("lr: {int4-block: 1.0e-4, sfp8: 3.0e-5}\nsteps: 7\n")
+    assert TrainConfig.from_recipe(tmp_path / "r.yaml").lr == 1e-4  # the default format
+    assert TrainConfig.from_recipe(tmp_path / "r.yaml", format="sfp8").lr == 3e-5
+    assert TrainConfig.from_recipe(tmp_path / "r.yaml", format="sfp8", lr=2e-5).lr == 2e-5  # a flag still wins
+    with pytest.raises(ValueError, match="not for format 'int4-channel': add one, or pass --lr"):
+        TrainConfig.from_recipe(tmp_path / "r.yaml", format="int4-channel")
+    default = {f: TrainConfig.from_recipe(RECIPES / "default.yaml", format=f) for f in FORMATS}
+    assert all(isinstance(c.lr, float) for c in default.values())
+
+
 def test_unknown_recipe_key_is_named(tmp_path):
     (tmp_path / "r.yaml").write_text("format: int4-block\nlearning_rate: 1e-5\n")
     with pytest.raises(ValueError, match=r"unknown recipe keys \['learning_rate'\]"):

@@ -101,7 +101,10 @@ class TrainConfig:
 
     @classmethod
     def from_recipe(cls, path: str | Path | None, **overrides) -> "TrainConfig":
-        """A recipe YAML (``base: other.yaml`` inherits) with flag overrides on top (None = not given)."""
+        """A recipe YAML (``base: other.yaml`` inherits) with flag overrides on top (None = not given).
+
+        A recipe value may depend on the format, as a mapping from format name to value (``lr: {int4-block: 1e-4,
+        sfp8: 3e-5}``): the run's ``format`` picks one."""
         values: dict = {}
         if path is not None:
             values = load_recipe(Path(path))
@@ -110,6 +113,13 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown recipe keys {unknown}; known keys: {', '.join(sorted(known))}")
+        fmt = values.get("format", cls.format)
+        for key, value in values.items():
+            if isinstance(value, dict):
+                if fmt not in value:
+                    raise ValueError(f"recipe key {key!r} gives values for {', '.join(map(str, value))} but not for "
+                                     f"format {fmt!r}: add one, or pass --{key.replace('_', '-')}")
+                values[key] = value[fmt]
         return cls(**values)
 
 
