@@ -86,8 +86,8 @@ def main():
             print(f"built {ggufs[-1].name}", flush=True)
     if not args.no_torchao and "int4-block" in args.formats:
         formats.FORMATS["torchao-int4-g32"] = TorchaoInt4G32()  # registered for this process only
-        peer = TrainConfig.from_recipe(RECIPE, format="int4-block")  # the peer trains exactly like int4-block
-        ckpt = run("qat-torchao-int4-g32", format="torchao-int4-g32", lr=peer.lr, **steps)
+        peer = TrainConfig.from_recipe(RECIPE, format="int4-block", **steps)  # the peer trains like int4-block
+        ckpt = run("qat-torchao-int4-g32", format="torchao-int4-g32", lr=peer.lr, steps=peer.steps)
         plain = torchao_to_plain_checkpoint(ckpt, args.workdir / "torchao-plain")
         ggufs.append(export_gguf(plain, args.workdir / "qat-torchao-int4-g32-requantized-q4_0.gguf",
                                  plain_type="q4_0", force=True, log=None).path)
@@ -97,6 +97,8 @@ def main():
     torchao = next((r for r in report.results if "torchao" in r.name), None)
     base = next((r for r in report.results if r.name == "ptq-int4-block.gguf"), None)
     if torchao and base:
+        # a plain re-quantized GGUF records no QAT format or steps: name what it is
+        torchao.format, torchao.steps = "torchao int4 g32 -> Q4_0", peer.steps
         torchao.baseline = base.name
         torchao.recovered_ppl = (base.perplexity - torchao.perplexity) / (base.perplexity - report.teacher_perplexity)
         torchao.recovered_kl = (base.kl_mean - torchao.kl_mean) / base.kl_mean
