@@ -101,7 +101,7 @@ def _log1mexp(a: torch.Tensor) -> torch.Tensor:
     return torch.where(a > -math.log(2), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
 
 
-TAIL_EPS = 1e-6  # target mass below which the tail class is left out (sampled targets sum to 1 up to rounding)
+TAIL_EPS = 1e-6  # tail mass below which the tail class is left out (k = vocabulary: only rounding remains)
 
 
 def kd_loss_per_token(student_logits: torch.Tensor, config: KDConfig, *, teacher_logits: torch.Tensor | None = None,
@@ -115,8 +115,8 @@ def kd_loss_per_token(student_logits: torch.Tensor, config: KDConfig, *, teacher
     weights = target.log_probs.exp()
     picked = student_logp.gather(-1, target.ids)
     loss = -(weights * picked).sum(-1)
-    tail = (1 - weights.sum(-1)).clamp(min=0)
-    if config.mode == "topk" and bool((tail > TAIL_EPS).any()):  # topk ids are distinct: their mass is a sum
+    if config.mode == "topk":  # the tail class; topk ids are distinct, so the student's head mass is a sum
+        tail = 1 - weights.sum(-1)
         head = picked.logsumexp(-1).clamp(max=-1e-7)
         loss = loss - torch.where(tail > TAIL_EPS, tail, 0.0) * _log1mexp(head)
     return loss * t * t
