@@ -37,7 +37,7 @@ def make_checkpoint(out: Path) -> None:
 
     from gemma3_qat.checkpoint import QATMetadata
     from gemma3_qat.models import GEMMA3_SHAPES
-    from gemma3_qat.tiny import build_tokenizer, tiny_text_config
+    from gemma3_qat.embedded.tiny import build_tokenizer, tiny_text_config
 
     s = GEMMA3_SHAPES["1b"]
     config = tiny_text_config(s.vocab, hidden=s.hidden, ffn=s.ffn, layers=s.layers, heads=s.heads,

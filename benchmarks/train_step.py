@@ -37,7 +37,7 @@ def build_model(seed: int):
     import torch
     from transformers import Gemma3ForCausalLM
 
-    from gemma3_qat.tiny import tiny_text_config
+    from gemma3_qat.embedded.tiny import tiny_text_config
 
     torch.manual_seed(seed)
     config = tiny_text_config(SHAPE["vocab"], hidden=SHAPE["hidden"], ffn=SHAPE["ffn"], layers=SHAPE["layers"],

@@ -22,6 +22,7 @@ import torch
 
 from gemma3_qat.formats import get_format
 from gemma3_qat.models import NotGemma3Error
+from gemma3_qat.errors import InputError, MissingFileError, OutputExistsError
 
 QAT_JSON = "qat.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -74,7 +75,7 @@ class Checkpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise FileNotFoundError(f"checkpoint directory {self.path} does not exist")
+            raise MissingFileError(f"checkpoint directory {self.path} does not exist")
         config_path = self.path / "config.json"
         if not config_path.exists():
             raise NotGemma3Error(f"{self.path} has no config.json: not a Hugging Face checkpoint directory")
@@ -95,7 +96,7 @@ class Checkpoint:
         else:
             single = self.path / "model.safetensors"
             if not single.exists():
-                raise FileNotFoundError(f"{self.path} has no model.safetensors (or index): no weights to read")
+                raise MissingFileError(f"{self.path} has no model.safetensors (or index): no weights to read")
             files = {name: single for name in _safetensors_header(single)[0] if name != "__metadata__"}
         self._headers = {f: _safetensors_header(f) for f in set(files.values())}
         return files
@@ -138,7 +139,7 @@ class Checkpoint:
     def require_tokenizer_model(self) -> Path:
         path = self.path / "tokenizer.model"
         if not path.exists():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{self.path} has no tokenizer.model: copy the SentencePiece model of the base checkpoint next to "
                 "config.json (transformers' save_pretrained does not write it)"
             )
@@ -161,7 +162,7 @@ def atomic_directory(final: str | Path, *, force: bool = False) -> Iterator[Path
     """
     final = Path(final)
     if final.exists() and not force:
-        raise FileExistsError(f"{final} already exists; pass --force to replace it")
+        raise OutputExistsError(f"{final} already exists; pass --force to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
@@ -184,7 +185,7 @@ def atomic_file(final: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; on success it replaces ``final`` atomically (``os.replace``)."""
     final = Path(final)
     if final.exists() and not force:
-        raise FileExistsError(f"{final} already exists; pass --force to replace it")
+        raise OutputExistsError(f"{final} already exists; pass --force to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
     os.close(fd)
@@ -208,6 +209,6 @@ def save_qat_checkpoint(model, out_dir: str | Path, metadata: QATMetadata, token
         copy_tokenizer_files(tokenizer_src, tmp)
         config = qat_config_of(model)
         if config is not None and config.format != metadata.format:
-            raise ValueError(f"model is prepared for {config.format} but metadata says {metadata.format}")
+            raise InputError(f"model is prepared for {config.format} but metadata says {metadata.format}")
         (tmp / QAT_JSON).write_text(metadata.to_json())
     return Path(out_dir)

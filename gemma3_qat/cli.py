@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from gemma3_qat import __version__
+from gemma3_qat.errors import InputError, MissingFileError, OutputExistsError
 
 app = typer.Typer(
     name="gemma3-qat",
@@ -195,11 +196,11 @@ def export(
     from gemma3_qat.qat.train import latest_run
 
     if to not in ("gguf", "safetensors"):
-        raise ValueError(f"unknown --to {to!r}; choose gguf or safetensors")
+        raise InputError(f"unknown --to {to!r}; choose gguf or safetensors")
     if checkpoint is None:
         checkpoint = latest_run()
         if checkpoint is None:
-            raise FileNotFoundError("no checkpoint given and no run in runs/; train first or name a checkpoint")
+            raise MissingFileError("no checkpoint given and no run in runs/; train first or name a checkpoint")
         typer.echo(f"exporting the latest run: {checkpoint}")
     if to == "safetensors":
         from gemma3_qat.exporters.safetensors import export_safetensors
@@ -261,7 +262,7 @@ def inspect(
     from gemma3_qat.exporters.gguf import inspect_gguf
 
     if not file.exists():
-        raise FileNotFoundError(f"{file} does not exist")
+        raise MissingFileError(f"{file} does not exist")
     info = inspect_gguf(file)
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
@@ -325,7 +326,7 @@ def memory(
                              ("--check", check), ("--update-baseline", update_baseline)) if on]
     styles = [n for n, on in (("json", as_json), ("csv", as_csv), ("markdown", as_markdown)) if on]
     if len(views) > 1 or len(styles) > 1:
-        raise ValueError(f"choose one of {' / '.join(views if len(views) > 1 else ['--' + s for s in styles])}")
+        raise InputError(f"choose one of {' / '.join(views if len(views) > 1 else ['--' + s for s in styles])}")
     formats = tuple(format or mem.TABLE_FORMATS)
     containers = (container,) if container else mem.CONTAINERS
     if table3:
@@ -363,34 +364,45 @@ def pretrain_default(
     """Rebuild the embedded default model from scratch (maintainers; about 40 minutes on 2 CPU cores)."""
     from pathlib import Path
 
-    from gemma3_qat.pretrain import PretrainRecipe
-    from gemma3_qat.pretrain import pretrain_default as run
+    from gemma3_qat.embedded.pretrain import PretrainRecipe
+    from gemma3_qat.embedded.pretrain import pretrain_default as run
 
     if Path(output).exists() and not force:
-        raise FileExistsError(f"{output} exists; pass --force to rebuild it")
+        raise OutputExistsError(f"{output} exists; pass --force to rebuild it")
     run(PretrainRecipe.load(recipe), Path(output), log=typer.echo)
 
 
 def _error_message(exc: BaseException) -> str | None:
-    """One line for the errors a user can fix; None for bugs (those keep their traceback)."""
-    from gemma3_qat.qat.train import TrainingError
+    """The one error table: one line for failures a user can fix; None for bugs (they keep their traceback)."""
+    from gemma3_qat.errors import Gemma3QATError
 
-    if isinstance(exc, (FileNotFoundError, FileExistsError, ValueError, TrainingError)):
+    if isinstance(exc, Gemma3QATError):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None:  # disk full, permission denied, read-only, ...
+        return f"{exc.filename}: {exc.strerror or exc}"
     return None
 
 
 def main() -> None:
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # silence CUDA-only extension warnings
+    debug = bool(os.environ.get("GEMMA3_QAT_DEBUG"))
     try:
         app()
     except KeyboardInterrupt as exc:
+        if debug:
+            raise
         typer.echo(f"interrupted: {exc}" if str(exc) else "interrupted", err=True)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the one error table of the CLI
-        message = _error_message(exc)
-        if message is None or os.environ.get("GEMMA3_QAT_DEBUG"):
+        if debug:
             raise
+        message = _error_message(exc)
+        if message is None:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            typer.echo(f"internal error: {type(exc).__name__}{': ' + first if first else ''} -- this is a bug in "
+                       f"gemma3-qat {__version__}; please report it with the output of GEMMA3_QAT_DEBUG=1 "
+                       "(which shows the traceback)", err=True)
+            sys.exit(1)
         typer.echo(f"error: {message}", err=True)
         sys.exit(1)
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from gemma3_qat.errors import InputError, MissingFileError
 
 
-class EvalError(ValueError):
+class EvalError(InputError):
     """A candidate that cannot be compared with the reference (other tokenizer, missing file, ...)."""
 
 
@@ -128,7 +129,7 @@ class LlamaCppModel:
             raise EvalError("evaluating GGUF files needs llama-cpp-python: `pip install llama-cpp-python` "
                             "(see the README for the portable build)") from None
         if not Path(path).exists():
-            raise FileNotFoundError(f"{path} does not exist")
+            raise MissingFileError(f"{path} does not exist")
         self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
                          verbose=False, **kwargs)
 
@@ -204,7 +205,7 @@ def evaluate(candidates: list[str | Path], *, teacher: str | None = None, data: 
     paths = [Path(c) for c in candidates]
     for p in paths:
         if not p.exists():
-            raise FileNotFoundError(f"candidate {p} does not exist")
+            raise MissingFileError(f"candidate {p} does not exist")
     if teacher is None:
         named = [QATMetadata.read(p / QAT_JSON).teacher for p in paths if p.is_dir() and (p / QAT_JSON).exists()]
         teacher = named[0] if named else None

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gemma3_qat.errors import InputError
 
 __all__ = [
     "FormatError",
@@ -42,7 +43,7 @@ SFP_MAX = 1.875  # gemma.cpp SfpStream::kMax: the largest SFP magnitude
 FP16_MAX = 65504.0
 
 
-class FormatError(ValueError):
+class FormatError(InputError):
     """A weight that a format cannot represent (bad shape, non-finite, out of range)."""
 
 

@@ -42,6 +42,7 @@ from gemma3_qat.models import (
     NotGemma3Error,
     layer_types,
 )
+from gemma3_qat.errors import InputError, MissingFileError
 
 T = GGMLQuantizationType
 GB = 1e9  # Table 3's unit: decimal gigabytes
@@ -56,7 +57,7 @@ KV_DTYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0":
 FULL, SLIDING = "full_attention", "sliding_attention"
 
 
-class MemoryInputError(ValueError):
+class MemoryInputError(InputError):
     """A bad request (unknown model, non-positive number, missing optional dependency): one line, says the fix."""
 
 
@@ -196,7 +197,7 @@ def spec_from_directory(path: str | Path) -> ModelSpec:
     path = Path(path).expanduser()
     config_path = path if path.is_file() else path / "config.json"
     if not config_path.exists():
-        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+        raise MissingFileError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
     raw = json.loads(config_path.read_text())
     if raw.get("model_type") not in ("gemma3", "gemma3_text"):
         raise NotGemma3Error(f"{config_path} is not a Gemma 3 config (model_type {raw.get('model_type')!r}); "
@@ -1003,7 +1004,7 @@ def measure_gguf(path: str | Path, *, format: str | None = None, embedding: str 
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingFileError(f"{path} does not exist")
     reader = GGUFReader(str(path))
     spec, arch = _spec_from_gguf(reader, path)
     fmt, emb_quantized = _file_format(reader, format)
@@ -1050,15 +1051,15 @@ BASELINE_MODELS = tuple(GEMMA3_SHAPES)
 
 
 def _tiny_specs() -> dict[str, ModelSpec]:
-    """The tiny test models (gemma3_qat.tiny) with the fixture tokenizer's default vocabulary."""
+    """The tiny test models (gemma3_qat.embedded.tiny) with the fixture tokenizer's default vocabulary."""
     import inspect
 
-    from gemma3_qat.tiny import build_tokenizer, tiny_multimodal_config, tiny_text_config
+    from gemma3_qat.embedded.tiny import build_tokenizer, tiny_multimodal_config, tiny_text_config
 
     vocab = inspect.signature(build_tokenizer).parameters["vocab_size"].default
-    return {"tiny-text": spec_from_hf_config(tiny_text_config(vocab), "tiny-text", "gemma3_qat.tiny"),
+    return {"tiny-text": spec_from_hf_config(tiny_text_config(vocab), "tiny-text", "gemma3_qat.embedded.tiny"),
             "tiny-multimodal": spec_from_hf_config(tiny_multimodal_config(vocab, 0, 0, 0), "tiny-multimodal",
-                                                   "gemma3_qat.tiny")}
+                                                   "gemma3_qat.embedded.tiny")}
 
 
 def baseline_cells(context: int = TABLE3_CONTEXT, kv_dtype: str = "bf16") -> dict[str, int]:
@@ -1113,7 +1114,7 @@ def check_baseline(path: str | Path, tolerance: float = 0.0) -> list[Drift]:
     appeared or disappeared count as drifted."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"baseline {path} does not exist; create it with --update-baseline {path}")
+        raise MissingFileError(f"baseline {path} does not exist; create it with --update-baseline {path}")
     if tolerance < 0:
         raise MemoryInputError(f"--tolerance must be 0 or more, got {tolerance}")
     stored = json.loads(path.read_text())

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from gemma3_qat.errors import InputError, MissingFileError
 
 # The matmul weights of one decoder layer that QAT quantizes (gemma.cpp's SFP set; llama.cpp's Q4_0 set).
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -68,7 +69,7 @@ def layer_types(num_layers: int) -> list[str]:
     ]
 
 
-class NotGemma3Error(ValueError):
+class NotGemma3Error(InputError):
     """The model or checkpoint is not a Gemma 3 language model."""
 
 
@@ -139,12 +140,12 @@ def resolve_model(name_or_path: str | None):
         return str(path)
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
         return name_or_path  # a hub id
-    raise FileNotFoundError(f"model {name_or_path} does not exist (neither a local directory nor a hub id)")
+    raise MissingFileError(f"model {name_or_path} does not exist (neither a local directory nor a hub id)")
 
 
-def hub_error(source: str, exc: Exception) -> FileNotFoundError:
+def hub_error(source: str, exc: Exception) -> MissingFileError:
     first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-    return FileNotFoundError(f"cannot get {source!r} from the hub ({first}); are you offline? pass a local "
+    return MissingFileError(f"cannot get {source!r} from the hub ({first}); are you offline? pass a local "
                              "checkpoint directory with --model")
 
 

@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    from gemma3_qat.tiny import build_tokenizer
+    from gemma3_qat.embedded.tiny import build_tokenizer
 
     return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
@@ -17,7 +17,7 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_text_dir(tmp_path_factory, tokenizer_dir):
     """A randomly initialised text-only Gemma 3 (1B style), fp32, with its tokenizer."""
-    from gemma3_qat.tiny import build_tiny_checkpoint
+    from gemma3_qat.embedded.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-text"), tokenizer_dir, seed=0)
 
@@ -25,7 +25,7 @@ def tiny_text_dir(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_multimodal_dir(tmp_path_factory, tokenizer_dir):
     """A randomly initialised multimodal Gemma 3 (4B style, small SigLIP tower), fp32, with its tokenizer."""
-    from gemma3_qat.tiny import build_tiny_checkpoint
+    from gemma3_qat.embedded.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mm"), tokenizer_dir, multimodal=True, seed=1)
 
@@ -35,7 +35,7 @@ def sample_data(tmp_path_factory):
     """Small local training data in both formats: plain text and chat messages (JSONL)."""
     import json
 
-    from gemma3_qat.tiny import sample_texts
+    from gemma3_qat.embedded.tiny import sample_texts
 
     root = tmp_path_factory.mktemp("data")
     texts = sample_texts()

@@ -50,7 +50,7 @@ def test_trained_better_than_unigram_and_generates_code(model_dir):
 
 
 def test_quantization_measurably_hurts_the_teacher(model_dir):
-    from gemma3_qat.pretrain import ptq_sensitivity
+    from gemma3_qat.embedded.pretrain import ptq_sensitivity
 
     sens = ptq_sensitivity(model_dir, windows=64)  # the model card's windows
     for fmt, row in sens.items():

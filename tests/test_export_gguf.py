@@ -153,7 +153,7 @@ def test_metadata_follows_the_spec(tiny_text_dir, tmp_path):
 
 
 def test_rope_scaling_is_written_only_when_configured(tokenizer_dir, tmp_path):
-    from gemma3_qat.tiny import build_tiny_checkpoint
+    from gemma3_qat.embedded.tiny import build_tiny_checkpoint
 
     path = build_tiny_checkpoint(tmp_path / "scaled", tokenizer_dir)
     config = json.loads((path / "config.json").read_text())
@@ -247,7 +247,7 @@ def test_bad_checkpoints_give_clear_errors(tiny_text_dir, tmp_path, tokenizer_di
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         export_gguf(no_sp, tmp_path / "x.gguf", log=None)
 
-    from gemma3_qat.tiny import build_tiny_checkpoint
+    from gemma3_qat.embedded.tiny import build_tiny_checkpoint
 
     odd = build_tiny_checkpoint(tmp_path / "odd", tokenizer_dir, ffn=80)
     make_qat_checkpoint(odd, tmp_path / "odd-qat", "int4-channel", False)

@@ -318,7 +318,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch
     from transformers import Gemma3ForCausalLM
-    from gemma3_qat.tiny import tiny_text_config
+    from gemma3_qat.embedded.tiny import tiny_text_config
     from gemma3_qat.qat.distill import KDConfig, distillation_loss, shift_for_next_token
     from gemma3_qat.qat.prepare import prepare
 
@@ -378,7 +378,7 @@ def test_training_prediction_against_measured_peak(tmp_path, checkpointing):
                           json.dumps(shape)], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     measured = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
-    from gemma3_qat.tiny import tiny_text_config
+    from gemma3_qat.embedded.tiny import tiny_text_config
 
     spec = mem.spec_from_hf_config(tiny_text_config(vocab, context=seq, **shape), "train-test", "test")
     predicted = mem.training_memory(spec, seq_len=seq, micro_batch=micro, device="cpu",

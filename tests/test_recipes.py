@@ -26,7 +26,7 @@ def test_size_format_recipes(size, fmt):
 
 def test_default_and_pretrain_recipes_load():
     assert TrainConfig.from_recipe(RECIPES / "default.yaml", format="sfp8").model is None
-    from gemma3_qat.pretrain import PretrainRecipe
+    from gemma3_qat.embedded.pretrain import PretrainRecipe
 
     recipe = PretrainRecipe.load(RECIPES / "default-pretrain.yaml")
     assert recipe.sliding_window < recipe.seq_len and recipe.hidden % 32 == 0 and recipe.ffn % 32 == 0

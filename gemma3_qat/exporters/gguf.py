@@ -29,6 +29,7 @@ from gemma3_qat import __version__
 from gemma3_qat.checkpoint import Checkpoint, atomic_file
 from gemma3_qat.exporters.gguf_vocab import add_vocab, read_vocab
 from gemma3_qat.formats import FP16_MAX, SFP8, FormatError, get_format, q4_0_blocks, sfp8_scale, sfp8_values_fit_bf16
+from gemma3_qat.errors import InputError, OutputExistsError
 
 T = GGMLQuantizationType
 PLAIN_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}
@@ -64,7 +65,7 @@ _VISION_LAYER_NAMES = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """A checkpoint or option combination the exporter cannot turn into a correct file."""
 
 
@@ -361,7 +362,7 @@ def export_gguf(checkpoint: str | Path, output: str | Path | None = None, *, pla
         return plan
     for p in (plan, mmproj_plan):
         if p is not None and p.path.exists() and not force:
-            raise FileExistsError(f"{p.path} already exists; pass --force to replace it")
+            raise OutputExistsError(f"{p.path} already exists; pass --force to replace it")
 
     def metadata(writer):
         _add_text_metadata(writer, ckpt, plan, name)

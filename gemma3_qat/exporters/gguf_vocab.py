@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gguf import TokenType
+from gemma3_qat.errors import InputError
 
 
 @dataclass
@@ -60,7 +61,7 @@ def read_vocab(checkpoint_dir: str | Path, n_rows: int) -> GGUFVocab:
             scores.append(-1000.0)
             types.append(0)
         elif tokens[i] != token["content"]:
-            raise ValueError(
+            raise InputError(
                 f"tokenizer_config.json says id {i} is {token['content']!r} but tokenizer.model has {tokens[i]!r}; "
                 "the tokenizer files do not belong together"
             )
@@ -69,7 +70,7 @@ def read_vocab(checkpoint_dir: str | Path, n_rows: int) -> GGUFVocab:
             scores[i] = -1000.0
 
     if len(tokens) > n_rows:
-        raise ValueError(f"the tokenizer has {len(tokens)} tokens but the embedding only {n_rows} rows")
+        raise InputError(f"the tokenizer has {len(tokens)} tokens but the embedding only {n_rows} rows")
     for i in range(len(tokens), n_rows):  # HF multimodal configs pad the embedding (262,208 rows)
         tokens.append(f"[PAD{i}]")
         scores.append(-1000.0)

@@ -29,6 +29,7 @@ import torch
 from gemma3_qat import __version__
 from gemma3_qat.checkpoint import Checkpoint, QAT_JSON, atomic_directory, copy_tokenizer_files
 from gemma3_qat.formats import SFP8_DECODE_TABLE, get_format
+from gemma3_qat.errors import InputError
 
 LAYOUTS = ("unquantized", "compressed-tensors", "sfp8")
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -38,7 +39,7 @@ SFP8_METADATA = {"format": "gemma3-qat-sfp8", "encoding": "gemma.cpp switched fl
 _MATMUL = re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 
 
-class SafetensorsExportError(ValueError):
+class SafetensorsExportError(InputError):
     pass
 
 

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gemma3_qat.errors import InputError
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Data that cannot be used for training, with what to do about it."""
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from gemma3_qat.errors import InputError
 
 KD_MODES = ("full", "sampled", "topk")
 
@@ -43,13 +44,13 @@ class KDConfig:
 
     def __post_init__(self):
         if self.mode not in KD_MODES:
-            raise ValueError(f"unknown --kd {self.mode!r}; choose one of: {', '.join(KD_MODES)}")
+            raise InputError(f"unknown --kd {self.mode!r}; choose one of: {', '.join(KD_MODES)}")
         if self.k < 1:
-            raise ValueError(f"--kd-k must be at least 1, got {self.k}")
+            raise InputError(f"--kd-k must be at least 1, got {self.k}")
         if self.temperature <= 0:
-            raise ValueError(f"--kd-temperature must be positive, got {self.temperature}")
+            raise InputError(f"--kd-temperature must be positive, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"--kd-alpha must be in [0, 1], got {self.alpha}")
+            raise InputError(f"--kd-alpha must be in [0, 1], got {self.alpha}")
 
 
 @dataclass
@@ -82,9 +83,9 @@ def sparse_target(teacher_logits: torch.Tensor, config: KDConfig, sample_ids: to
         picked, ids = logp.topk(k, dim=-1)
         return SparseTarget(ids, picked)
     if config.mode != "sampled":
-        raise ValueError(f"{config.mode} KD has no sparse target")
+        raise InputError(f"{config.mode} KD has no sparse target")
     if sample_ids is None:
-        raise ValueError("sampled KD needs the sample ids that key its draws")
+        raise InputError("sampled KD needs the sample ids that key its draws")
     ids = torch.empty(*logp.shape[:2], k, dtype=torch.long, device=logp.device)
     last = logp.size(-1) - 1
     for b, sid in enumerate(sample_ids.tolist()):

@@ -15,6 +15,7 @@ from torch import nn
 from gemma3_qat.formats import FormatError, get_format
 from gemma3_qat.models import find_parts, quantizable_linears
 from gemma3_qat.qat.fake_quant import FakeQuantEmbedding, FakeQuantizer, FakeQuantLinear
+from gemma3_qat.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def prepare(
     """Fake-quantize ``model`` in place; returns what was done. See the module docstring."""
     config = fmt if isinstance(fmt, QATConfig) else QATConfig(fmt, quantize_embeddings)
     if qat_config_of(model) is not None:
-        raise ValueError("model is already prepared for QAT; call unprepare(model) first")
+        raise InputError("model is already prepared for QAT; call unprepare(model) first")
     weight_format = get_format(config.format)
     parts = find_parts(model)
     linears = quantizable_linears(model)
@@ -83,7 +84,7 @@ def prepare(
         head = parts.lm_head
         if head is not None:
             if head.weight is not embed.weight:
-                raise ValueError(
+                raise InputError(
                     "the output head is not tied to the token embedding; Gemma 3 ties them (tie_word_embeddings)"
                 )
             _set_submodule(model, "lm_head", FakeQuantLinear(head, table_quantizer))

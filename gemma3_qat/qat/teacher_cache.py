@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from gemma3_qat.qat.distill import KDConfig, SparseTarget, sparse_target
+from gemma3_qat.errors import InputError, MissingFileError
 
 CACHE_VERSION = 2  # 2: unbiased sampled targets, top-k with its tail class
 META = "teacher-cache.json"
@@ -62,7 +63,7 @@ def build_teacher_cache(teacher, train_data, valid_data, kd: KDConfig, output: P
     from datasets.arrow_writer import ArrowWriter
 
     if kd.mode == "full":
-        raise ValueError("a teacher cache stores sparse targets: use --kd topk or --kd sampled (full-vocabulary "
+        raise InputError("a teacher cache stores sparse targets: use --kd topk or --kd sampled (full-vocabulary "
                          "targets are what the cache exists to avoid)")
     device = device or next(teacher.parameters()).device
     seq_len = train_data.input_ids.shape[1]
@@ -101,11 +102,11 @@ class TeacherCache:
     def open(cls, path: str | Path, expected: dict) -> "TeacherCache":
         path = Path(path)
         if not (path / META).exists():
-            raise FileNotFoundError(f"{path} is not a teacher cache (no {META}); build one with gemma3-qat teacher-cache")
+            raise MissingFileError(f"{path} is not a teacher cache (no {META}); build one with gemma3-qat teacher-cache")
         meta = json.loads((path / META).read_text())
         diffs = [f"{k} {meta.get(k)!r} != {v!r}" for k, v in expected.items() if meta.get(k) != v]
         if diffs:
-            raise ValueError(f"teacher cache {path} was built for another teacher, data or KD setting ({'; '.join(diffs)}); "
+            raise InputError(f"teacher cache {path} was built for another teacher, data or KD setting ({'; '.join(diffs)}); "
                              "rebuild it with the same --model/--teacher/--data/--seq-len/--kd flags as this run")
         return cls(path, meta)
 

@@ -41,9 +41,10 @@ from gemma3_qat.checkpoint import QAT_JSON, QATMetadata, copy_tokenizer_files
 from gemma3_qat.formats import FormatError, get_format
 from gemma3_qat.qat.data import DataSource, MixtureSampler, build_data
 from gemma3_qat.qat.distill import KDConfig, agreement_metrics, distillation_loss, shift_for_next_token, sparse_target
+from gemma3_qat.errors import Gemma3QATError, InputError, MissingFileError, OutputExistsError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(Gemma3QATError, RuntimeError):
     """Training cannot go on (NaN loss, a mismatched teacher cache, ...); the message says what to do."""
 
 
@@ -86,13 +87,13 @@ class TrainConfig:
         KDConfig(self.kd, self.kd_k, self.kd_temperature, self.kd_alpha, self.seed)  # validates
         for name in ("seq_len", "batch_size", "micro_batch_size", "eval_rows", "save_every", "eval_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.fake_quant_cache not in ("auto", "on", "off"):
-            raise ValueError(f"--fake-quant-cache must be auto, on or off, got {self.fake_quant_cache!r}")
+            raise InputError(f"--fake-quant-cache must be auto, on or off, got {self.fake_quant_cache!r}")
         if self.steps < 0:
-            raise ValueError(f"--steps must be 0 (post-training quantization only) or more, got {self.steps}")
+            raise InputError(f"--steps must be 0 (post-training quantization only) or more, got {self.steps}")
         if self.mixed_precision not in ("auto", "no", "bf16"):
-            raise ValueError(f"--mixed-precision must be auto, no or bf16 (fp16 overflows in Gemma 3), got "
+            raise InputError(f"--mixed-precision must be auto, no or bf16 (fp16 overflows in Gemma 3), got "
                              f"{self.mixed_precision!r}")
 
     @property
@@ -112,12 +113,12 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown recipe keys {unknown}; known keys: {', '.join(sorted(known))}")
+            raise InputError(f"unknown recipe keys {unknown}; known keys: {', '.join(sorted(known))}")
         fmt = values.get("format", cls.format)
         for key, value in values.items():
             if isinstance(value, dict):
                 if fmt not in value:
-                    raise ValueError(f"recipe key {key!r} gives values for {', '.join(map(str, value))} but not for "
+                    raise InputError(f"recipe key {key!r} gives values for {', '.join(map(str, value))} but not for "
                                      f"format {fmt!r}: add one, or pass --{key.replace('_', '-')}")
                 values[key] = value[fmt]
         return cls(**values)
@@ -125,7 +126,7 @@ class TrainConfig:
 
 def load_recipe(path: Path) -> dict:
     if not path.exists():
-        raise FileNotFoundError(f"recipe {path} does not exist; the recipes are in recipes/")
+        raise MissingFileError(f"recipe {path} does not exist; the recipes are in recipes/")
     values = yaml.safe_load(path.read_text()) or {}
     base = values.pop("base", None)
     if base:
@@ -197,14 +198,14 @@ class QATRecipe:
         self.sampler = MixtureSampler(self.train_data, [s.weight for s in self.data_sources], c.seed)
         per_step = acc.num_processes * c.micro_batch_size
         if c.batch_size % per_step:
-            raise ValueError(f"--batch-size {c.batch_size} must be a multiple of processes x --micro-batch-size "
+            raise InputError(f"--batch-size {c.batch_size} must be a multiple of processes x --micro-batch-size "
                              f"= {acc.num_processes} x {c.micro_batch_size}")
         self.accumulation = c.batch_size // per_step
 
         student = load_gemma3(self.model_source, dtype=torch.float32)  # fp32 master (latent) weights
         context = student.config.get_text_config().max_position_embeddings
         if c.seq_len > context:
-            raise ValueError(f"--seq-len {c.seq_len} is beyond the model's context of {context} tokens")
+            raise InputError(f"--seq-len {c.seq_len} is beyond the model's context of {context} tokens")
         cache = {"auto": not self.is_fsdp, "on": True, "off": False}[c.fake_quant_cache]
         self.prepare_report = prepare(student, c.format, quantize_embeddings=c.quantize_embeddings, cache=cache)
         if c.gradient_checkpointing:
@@ -258,15 +259,15 @@ class QATRecipe:
         out = Path(c.output)
         holds_run = (out / "train-config.yaml").exists()
         if holds_run and not (self.resume or self.force):
-            raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it or --force to "
+            raise OutputExistsError(f"{out} already holds a training run; pass --resume to continue it or --force to "
                                   "replace it")
         if self.resume and not holds_run:
-            raise FileNotFoundError(f"nothing to resume in {out}: it holds no training run")
+            raise MissingFileError(f"nothing to resume in {out}: it holds no training run")
         if holds_run and self.resume:
             previous = yaml.safe_load((out / "train-config.yaml").read_text())
             for key in ("format", "model", "quantize_embeddings", "kd", "seq_len", "batch_size", "seed"):
                 if previous.get(key) != getattr(c, key):
-                    raise ValueError(f"--resume: {key} was {previous.get(key)!r} in {out}, now {getattr(c, key)!r}")
+                    raise InputError(f"--resume: {key} was {previous.get(key)!r} in {out}, now {getattr(c, key)!r}")
         self._replace_run = holds_run and self.force and not self.resume
         return out
 
@@ -420,7 +421,7 @@ class QATRecipe:
     def _load_last_checkpoint(self) -> None:
         done = sorted(p for p in (self.output / "checkpoints").glob("step-*") if (p / "trainer").is_dir())
         if not done:
-            raise FileNotFoundError(f"nothing to resume in {self.output}: no complete checkpoint in checkpoints/")
+            raise MissingFileError(f"nothing to resume in {self.output}: no complete checkpoint in checkpoints/")
         last = done[-1]
         self.accelerator.load_state(str(last / "trainer"))
         self.step = json.loads((last / "trainer" / "trainer_state.json").read_text())["step"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 import random
 
-from gemma3_qat.corpus import Document
+from gemma3_qat.embedded.corpus import Document
 
 
 def text_samples(docs: list[Document], n: int, chars: int = 1500, seed: int = 0) -> list[dict]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from gemma3_qat.errors import InputError
 
 
 @dataclass
@@ -49,7 +50,7 @@ class PretrainRecipe:
         data = yaml.safe_load(Path(path).read_text()) or {}
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown recipe keys {sorted(unknown)} in {path}; known: {sorted(cls.__dataclass_fields__)}")
+            raise InputError(f"unknown recipe keys {sorted(unknown)} in {path}; known: {sorted(cls.__dataclass_fields__)}")
         return cls(**data)
 
 
@@ -84,9 +85,10 @@ def perplexity(model, windows: torch.Tensor, batch: int = 16) -> float:
 def pretrain_default(recipe: PretrainRecipe, output: Path, log=print) -> dict:
     from transformers import Gemma3ForCausalLM
 
-    from gemma3_qat import corpus, samples
-    from gemma3_qat.tiny import tiny_text_config
-    from gemma3_qat.tokenizer import load_tokenizer, train_sentencepiece
+    from gemma3_qat.embedded import corpus, samples
+    from gemma3_qat.embedded.tiny import tiny_text_config
+    from gemma3_qat.embedded.sentencepiece import train_sentencepiece
+    from gemma3_qat.tokenizer import load_tokenizer
 
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
@@ -265,7 +267,7 @@ Rebuild from a clean checkout (same quality; the exact bits depend on the standa
 
 ## Sensitivity to quantization (why it is a useful teacher)
 Post-training quantization of the matmul weights (embedding unquantized), no training, on 64 windows of 256 tokens
-of the validation split (`gemma3_qat.pretrain.ptq_sensitivity`):
+of the validation split (`gemma3_qat.embedded.pretrain.ptq_sensitivity`):
 
 | model | perplexity | mean KL(teacher ‖ model) |
 |---|---|---|

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from gemma3_qat.models import layer_types
-from gemma3_qat.tokenizer import CONTROL_TOKENS, train_sentencepiece
+from gemma3_qat.embedded.sentencepiece import train_sentencepiece
+from gemma3_qat.tokenizer import CONTROL_TOKENS
 
 
 def tiny_text_config(vocab_size: int, *, hidden: int = 64, ffn: int = 128, layers: int = 6, heads: int = 2,
