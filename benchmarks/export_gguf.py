@@ -31,37 +31,23 @@ def status_mb(key: str) -> float:
     return 0.0
 
 
-def make_checkpoint(out: Path) -> None:
+def make_checkpoint(out: Path, arch=None) -> None:
+    """A QAT checkpoint of ``arch`` (default: the released 1B shape): its config and tensors from the one
+    architecture record (``gemma3_qat.models``), random matmuls and embedding, zero norms."""
     import torch
     from safetensors.torch import save_file
 
     from gemma3_qat.checkpoint import QATMetadata
-    from gemma3_qat.models import GEMMA3_SHAPES
-    from gemma3_qat.embedded.tiny import build_tokenizer, tiny_text_config
+    from gemma3_qat.embedded.tiny import build_tokenizer
+    from gemma3_qat.models import GEMMA3_SHAPES, hf_config, model_tensors
 
-    s = GEMMA3_SHAPES["1b"]
-    config = tiny_text_config(s.vocab, hidden=s.hidden, ffn=s.ffn, layers=s.layers, heads=s.heads,
-                              kv_heads=s.kv_heads, head_dim=s.head_dim, sliding_window=s.sliding_window,
-                              context=s.context)
+    arch = arch or GEMMA3_SHAPES["1b"]
     out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(out)
+    hf_config(arch).save_pretrained(out)
     build_tokenizer(out)  # a small SentencePiece model; the exporter pads the vocabulary to the embedding's rows
     g = torch.Generator().manual_seed(0)
-    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    tensors = {"model.embed_tokens.weight": torch.randn(s.vocab, s.hidden, generator=g) * 0.02,
-               "model.norm.weight": torch.zeros(s.hidden)}
-    for i in range(s.layers):
-        p = f"model.layers.{i}."
-        for name, shape in (("self_attn.q_proj", (q, s.hidden)), ("self_attn.k_proj", (kv, s.hidden)),
-                            ("self_attn.v_proj", (kv, s.hidden)), ("self_attn.o_proj", (s.hidden, q)),
-                            ("mlp.gate_proj", (s.ffn, s.hidden)), ("mlp.up_proj", (s.ffn, s.hidden)),
-                            ("mlp.down_proj", (s.hidden, s.ffn))):
-            tensors[p + name + ".weight"] = torch.randn(*shape, generator=g) * 0.02
-        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm"):
-            tensors[p + name + ".weight"] = torch.zeros(s.hidden)
-        tensors[p + "self_attn.q_norm.weight"] = torch.zeros(s.head_dim)
-        tensors[p + "self_attn.k_norm.weight"] = torch.zeros(s.head_dim)
+    tensors = {t.name: torch.zeros(t.shape) if t.group == "norms" else torch.randn(*t.shape, generator=g) * 0.02
+               for t in model_tensors(arch)}
     save_file(tensors, out / "model.safetensors")
     (out / "qat.json").write_text(QATMetadata("int4-block", quantize_embeddings=True, steps=0).to_json())
 

@@ -1,10 +1,10 @@
-"""Quality: teacher vs post-training quantization vs QAT, every candidate exported to GGUF and run in llama.cpp.
+"""Quality: teacher vs post-training quantization vs QAT, every candidate exported and run in its runtime.
 
     python benchmarks/quality.py [--formats int4-block int4-channel sfp8] [--steps N] [--workdir runs/quality]
 
 On the embedded default model and its data, with the default recipe (recipes/default.yaml), for each format:
 PTQ (`train --steps 0`) and QAT, both exported to GGUF and evaluated in real llama.cpp against the PyTorch
-teacher on the shipped validation split; plus the torchao int4 group-32 grid as a baseline (QAT on torchao's grid,
+teacher on the shipped validation split (sfp8 also as gemma.cpp's .sbs, run in real gemma.cpp); plus the torchao int4 group-32 grid as a baseline (QAT on torchao's grid,
 then re-quantized to Q4_0 by llama.cpp's rule, which is what a torchao-QAT user shipping GGUF gets). Prints one
 table (and --markdown for the README).
 """
@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 from gemma3_qat import formats  # noqa: E402
 from gemma3_qat.evaluate import evaluate  # noqa: E402
+from gemma3_qat.exporters.gemma_cpp import export_gemma_cpp  # noqa: E402
 from gemma3_qat.exporters.gguf import export_gguf  # noqa: E402
 from gemma3_qat.qat.train import TrainConfig, train  # noqa: E402
 
@@ -69,6 +70,7 @@ def main():
     p.add_argument("--workdir", type=Path, default=Path("runs/quality"))
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--no-torchao", action="store_true")
+    p.add_argument("--no-gemma-cpp", action="store_true", help="skip the sfp8 .sbs rows (no gemma.cpp binaries)")
     args = p.parse_args()
     quiet = lambda *_: None  # noqa: E731
     shutil.rmtree(args.workdir, ignore_errors=True)
@@ -84,6 +86,9 @@ def main():
             ckpt = run(name, format=fmt, **kw)
             ggufs.append(export_gguf(ckpt, args.workdir / f"{name}.gguf", force=True, log=None).path)
             print(f"built {ggufs[-1].name}", flush=True)
+            if fmt == "sfp8" and not args.no_gemma_cpp:  # its own runtime, at 8 bits
+                ggufs.append(export_gemma_cpp(ckpt, args.workdir / f"{name}.sbs", force=True, log=None).path)
+                print(f"built {ggufs[-1].name}", flush=True)
     if not args.no_torchao and "int4-block" in args.formats:
         formats.FORMATS["torchao-int4-g32"] = TorchaoInt4G32()  # registered for this process only
         peer = TrainConfig.from_recipe(RECIPE, format="int4-block", **steps)  # the peer trains like int4-block
@@ -103,7 +108,7 @@ def main():
         torchao.recovered_ppl = (base.perplexity - torchao.perplexity) / (base.perplexity - report.teacher_perplexity)
         torchao.recovered_kl = (base.kl_mean - torchao.kl_mean) / base.kl_mean
     print(f"# {report.windows} windows x {report.seq_len} tokens of {report.data}; teacher {report.teacher}; "
-          "every candidate is a GGUF run in llama.cpp")
+          "every .gguf is run in llama.cpp, every .sbs in gemma.cpp")
     print(report.table(markdown=args.markdown))
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -21,8 +22,11 @@ from pathlib import Path
 import torch
 
 from gemma3_qat.formats import get_format
-from gemma3_qat.models import NotGemma3Error
-from gemma3_qat.errors import InputError, MissingFileError, OutputExistsError
+from gemma3_qat.models import NotGemma3Error, is_multimodal_gemma3
+from gemma3_qat.errors import CorruptFileError, InputError, MissingFileError, OutputExistsError
+# the manifest functions are re-exported: the trainer writes and verifies manifests through this module
+from gemma3_qat.integrity import (MANIFEST, SINGLE, read_json, read_manifest, verify_manifest,  # noqa: F401
+                                  verify_weights, weight_shards, write_manifest)
 
 QAT_JSON = "qat.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -52,54 +56,55 @@ class QATMetadata:
 
     @classmethod
     def read(cls, path: Path) -> "QATMetadata":
-        data = json.loads(path.read_text())
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise CorruptFileError(f"{path}: not a JSON object; restore it or train again")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        try:
+            return cls(**known)
+        except TypeError as e:
+            raise CorruptFileError(f"{path}: {e}; restore it or train again") from None
 
 
+# the safetensors dtypes this reader turns into torch tensors
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _safetensors_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and where its data starts (8-byte length, header, data)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n)), 8 + n
-
-
 class Checkpoint:
-    """A local Gemma 3 checkpoint directory, read lazily (tensor by tensor, row chunks) from its safetensors."""
+    """A local Gemma 3 checkpoint directory, read lazily (tensor by tensor, row chunks) from its safetensors.
 
-    def __init__(self, path: str | Path):
+    Everything is validated before the first tensor is read: the directory's ``manifest.json`` when it has one
+    (every file's size; with ``verify``, the SHA-256 of the weight files: seconds per GB, small next to an export),
+    the index, and each safetensors header (``integrity.verify_weights``). A torn or bit-flipped checkpoint is refused
+    with a ``CorruptFileError`` naming the file, never read into an export.
+    """
+
+    def __init__(self, path: str | Path, *, verify: bool = True):
         self.path = Path(path)
         if not self.path.is_dir():
+            if self.path.exists():
+                raise InputError(f"{self.path} is a file, not a checkpoint directory: pass the directory that holds "
+                                 "config.json and the safetensors")
             raise MissingFileError(f"checkpoint directory {self.path} does not exist")
         config_path = self.path / "config.json"
         if not config_path.exists():
             raise NotGemma3Error(f"{self.path} has no config.json: not a Hugging Face checkpoint directory")
-        self.config = json.loads(config_path.read_text())
-        model_type = self.config.get("model_type")
-        if model_type not in ("gemma3", "gemma3_text"):
-            raise NotGemma3Error(f"{self.path} is not a Gemma 3 checkpoint (model_type {model_type!r})")
-        self.multimodal = model_type == "gemma3"
+        self.config = read_json(config_path)
+        self.multimodal = is_multimodal_gemma3(self.config, str(self.path))  # refuses any other model_type
         self.text_config = self.config.get("text_config", {}) if self.multimodal else self.config
         self.qat = QATMetadata.read(self.path / QAT_JSON) if (self.path / QAT_JSON).exists() else None
-        self._files = self._weight_files()
+        self._files = self._weight_files(verify)
 
-    def _weight_files(self) -> dict[str, Path]:
-        index = self.path / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {name: self.path / file for name, file in weight_map.items()}
-        else:
-            single = self.path / "model.safetensors"
-            if not single.exists():
-                raise MissingFileError(f"{self.path} has no model.safetensors (or index): no weights to read")
-            files = {name: single for name in _safetensors_header(single)[0] if name != "__metadata__"}
-        self._headers = {f: _safetensors_header(f) for f in set(files.values())}
-        return files
+    def _weight_files(self, verify: bool) -> dict[str, Path]:
+        # sizes of every file in the manifest always (a stat each); the weights' checksums when verifying
+        self._headers = {self.path / s: h for s, h in verify_weights(self.path, checksums=verify).items()}
+        weight_map = weight_shards(self.path)[1]
+        if weight_map is not None:
+            return {name: self.path / file for name, file in weight_map.items()}
+        single = self.path / SINGLE
+        return {name: single for name in self._headers[single][0] if name != "__metadata__"}
 
     def _entry(self, name: str) -> tuple[dict, int, Path]:
         file = self._files[name]
@@ -119,18 +124,24 @@ class Checkpoint:
         """A tensor, or a slice of its rows, read with plain file reads: nothing of the file stays mapped in this
         process (a memory map would keep every page read resident: 4 GB of RSS for a 1B fp32 checkpoint)."""
         entry, data_start, file = self._entry(name)
+        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+            raise InputError(f"{file}: tensor {name!r} is {entry['dtype']}, which this reader does not support "
+                             f"({', '.join(_SAFETENSORS_DTYPES)}); convert the checkpoint to F32 or BF16")
         dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
         shape = list(entry["shape"])
         begin, end = entry["data_offsets"]
         row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
         if rows is not None:
             first, last, _ = rows.indices(shape[0])
-            begin, shape = begin + first * row_bytes, [last - first, *shape[1:]]
-            end = begin + (last - first) * row_bytes
+            begin, shape = begin + first * row_bytes, [max(last - first, 0), *shape[1:]]
+            end = begin + shape[0] * row_bytes
         out = torch.empty(shape, dtype=dtype)
         with open(file, "rb") as f:
             f.seek(data_start + begin)
-            f.readinto(memoryview(out.view(torch.uint8).reshape(-1).numpy()) if out.numel() else bytearray())
+            got = f.readinto(memoryview(out.view(torch.uint8).reshape(-1).numpy())) if out.numel() else 0
+        if got != end - begin:  # the header was checked against the size: the file changed since
+            raise CorruptFileError(f"{file}: tensor {name!r}: read {got:,} of {end - begin:,} bytes (the file "
+                                   f"shrank while being read); copy or export it again")
         return out
 
     def nbytes(self) -> int:
@@ -153,16 +164,41 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
+def check_output(final: str | Path, *, force: bool = False, directory: bool = False,
+                 make_parents: bool = True) -> Path:
+    """Refuse an output before anything is written, with a one-line error naming the fix.
+
+    Refused: an existing ``final`` without ``force``; with it, one of the other kind (a directory where a file
+    goes, or a file where a directory goes: replacing it would lose it or fail half-way); a parent that is a
+    file; and, with ``make_parents=False`` (the exporters: most tools refuse a mistyped parent rather than
+    create it), a missing parent. An exporter checks every file it will write (the output, its model card,
+    mmproj) first, so that a refusal leaves nothing written.
+    """
+    final = Path(final)
+    if final.exists() or final.is_symlink():
+        if not force:
+            raise OutputExistsError(f"{final} already exists; pass --force to replace it")
+        if final.is_dir() != directory:
+            have, want = ("a directory", "file") if final.is_dir() else ("a file", "directory")
+            raise OutputExistsError(f"{final} is {have}, which --force does not replace with a {want}; "
+                                    f"choose another output path")
+    parent = final.parent
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"{parent} is a file, not a directory: choose another output path")
+    if not parent.exists() and not make_parents:
+        raise MissingFileError(f"{parent} does not exist; create it first (mkdir -p {parent}) or choose another "
+                               "output path")
+    return final
+
+
 @contextmanager
-def atomic_directory(final: str | Path, *, force: bool = False) -> Iterator[Path]:
+def atomic_directory(final: str | Path, *, force: bool = False, make_parents: bool = True) -> Iterator[Path]:
     """Yield a temporary directory next to ``final``; on success it replaces ``final`` in one rename.
 
     On error the temporary directory is removed and ``final`` is untouched. Refuses an existing ``final`` unless
-    ``force``; the old directory is only removed after the new one is complete.
+    ``force``, and what ``check_output`` refuses; the old directory is only removed after the new one is complete.
     """
-    final = Path(final)
-    if final.exists() and not force:
-        raise OutputExistsError(f"{final} already exists; pass --force to replace it")
+    final = check_output(final, force=force, directory=True, make_parents=make_parents)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
@@ -181,11 +217,12 @@ def atomic_directory(final: str | Path, *, force: bool = False) -> Iterator[Path
 
 
 @contextmanager
-def atomic_file(final: str | Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to ``final``; on success it replaces ``final`` atomically (``os.replace``)."""
-    final = Path(final)
-    if final.exists() and not force:
-        raise OutputExistsError(f"{final} already exists; pass --force to replace it")
+def atomic_file(final: str | Path, *, force: bool = False, make_parents: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; on success it replaces ``final`` atomically (``os.replace``).
+
+    Refuses what ``check_output`` refuses (an existing ``final`` without ``force``, a directory even with it).
+    """
+    final = check_output(final, force=force, make_parents=make_parents)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
     os.close(fd)
@@ -198,17 +235,67 @@ def atomic_file(final: str | Path, *, force: bool = False) -> Iterator[Path]:
     os.replace(tmp, final)
 
 
-def save_qat_checkpoint(model, out_dir: str | Path, metadata: QATMetadata, tokenizer_src: str | Path,
-                        *, force: bool = False) -> Path:
-    """Write a QAT checkpoint directory atomically: latent weights (as held), config, tokenizer, ``qat.json``."""
-    from gemma3_qat.qat.prepare import qat_config_of
+# ------------------------------------------------------------------------------------------------- the writer
 
-    with atomic_directory(out_dir, force=force) as tmp:
+
+def write_qat_checkpoint(model, directory: str | Path, metadata: QATMetadata, tokenizer_dir: str | Path, *,
+                         accelerator=None) -> None:
+    """THE writer of a QAT checkpoint (every trainer checkpoint and the final run directory use it): the latent
+    weights in their master dtype, ``config.json``, the tokenizer files and ``qat.json`` into ``directory``.
+
+    With ``accelerator`` it is collective: every process calls it, ``get_state_dict`` gathers the full state dict
+    (FSDP shards, DDP wrapper) and the main process writes. Without one (a single process holding ``model``),
+    it writes directly. Nothing here is atomic: callers write into a temporary directory and rename it, then add
+    the ``manifest.json`` (``write_manifest``) once every file of the checkpoint is complete.
+    """
+    from gemma3_qat.qat.prepare import qat_config_of  # lazy: prepare is the modelling side, not needed to read
+
+    state_dict, main = None, True
+    if accelerator is not None:
+        state_dict = accelerator.get_state_dict(model)
+        model = accelerator.unwrap_model(model)
+        main = accelerator.is_main_process
+    prepared = qat_config_of(model)
+    if prepared is not None and prepared.format != metadata.format:
+        raise InputError(f"model is prepared for {prepared.format} but the metadata says {metadata.format}")
+    if main:
+        directory = Path(directory)
         # save_pretrained writes the Parameters as they are: the fake-quant modules keep the plain state-dict keys
-        model.save_pretrained(tmp)
-        copy_tokenizer_files(tokenizer_src, tmp)
-        config = qat_config_of(model)
-        if config is not None and config.format != metadata.format:
-            raise InputError(f"model is prepared for {config.format} but metadata says {metadata.format}")
-        (tmp / QAT_JSON).write_text(metadata.to_json())
-    return Path(out_dir)
+        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+        copy_tokenizer_files(tokenizer_dir, directory)
+        (directory / QAT_JSON).write_text(metadata.to_json())
+
+
+def local_tokenizer_dir(source: str) -> str:
+    """A local directory with the checkpoint's tokenizer files: ``source`` itself, or a download of just those
+    files for a hub id (the weights are loaded by ``models.load_gemma3``)."""
+    if Path(source).exists():
+        return source
+    from huggingface_hub import snapshot_download
+
+    from gemma3_qat.models import hub_error
+
+    try:
+        return snapshot_download(source, allow_patterns=list(TOKENIZER_FILES))
+    except Exception as e:  # offline, unknown id, gated
+        raise hub_error(source, e) from None
+
+
+# ------------------------------------------------------------------------------------------------- run directories
+
+RUNS = Path("runs")
+TRAIN_CONFIG = "train-config.yaml"  # written by train at setup: a directory holding it holds a (maybe unfinished) run
+
+
+def default_output(model: str | None, fmt: str, root: Path = RUNS) -> Path:
+    """``runs/<model>-<format>-<time>``: where ``train`` writes when no ``--output`` is given."""
+    name = Path(model).name if model else "default"
+    return root / f"{name}-{fmt}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def latest_run(root: Path = RUNS, *, finished: bool = True) -> Path | None:
+    """The most recent run under ``root``: finished ones (``qat.json`` written last) for export, or any run that
+    started (``train-config.yaml``) for ``--resume``; None when there is none."""
+    marker = QAT_JSON if finished else TRAIN_CONFIG
+    runs = [p.parent for p in Path(root).glob(f"*/{marker}")]
+    return max(runs, key=lambda p: (p / marker).stat().st_mtime) if runs else None

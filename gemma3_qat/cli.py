@@ -7,8 +7,10 @@ traceback.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -119,13 +121,18 @@ def train(
       gemma3-qat train --format int4-block
       gemma3-qat train --recipe recipes/gemma3-1b-int4-block.yaml --model google/gemma-3-1b-pt --data web.jsonl
     """
-    flags = _given(locals(), exclude=("recipe", "resume", "force"))
-    from gemma3_qat.qat.train import TrainConfig
+    from gemma3_qat.qat.train import TrainConfig, resolve_recipe
     from gemma3_qat.qat.train import train as run
 
-    if recipe is None and model is None:
-        recipe = _default_recipe()
-    config = TrainConfig.from_recipe(recipe, **flags)
+    flags = _overrides(
+        format=format, model=model, teacher=teacher, data=data, quantize_embeddings=quantize_embeddings,
+        steps=steps, seq_len=seq_len, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr,
+        warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, kd=kd, kd_k=kd_k,
+        kd_temperature=kd_temperature, kd_alpha=kd_alpha, teacher_cache=teacher_cache,
+        assistant_only=assistant_only, mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing, eval_every=eval_every, save_every=save_every, seed=seed,
+        log_with=log_with, output=output)
+    config = TrainConfig.from_recipe(resolve_recipe(recipe, model), **flags)
     run(config, resume=resume, force=force, log=typer.echo)
 
 
@@ -142,23 +149,18 @@ def teacher_cache(
 
     Use the same --model/--teacher/--data/--seq-len/--kd flags as the training run (a fingerprint checks it).
     """
-    flags = _given(locals(), exclude=("recipe", "output", "batch_size", "force"))
     from gemma3_qat.qat.teacher_cache import build_from_config
-    from gemma3_qat.qat.train import TrainConfig
+    from gemma3_qat.qat.train import TrainConfig, resolve_recipe
 
-    if recipe is None and model is None:
-        recipe = _default_recipe()
-    config = TrainConfig.from_recipe(recipe, **flags)
+    flags = _overrides(model=model, teacher=teacher, data=data, seq_len=seq_len, kd=kd, kd_k=kd_k,
+                       kd_temperature=kd_temperature, seed=seed, assistant_only=assistant_only)
+    config = TrainConfig.from_recipe(resolve_recipe(recipe, model), **flags)
     build_from_config(config, output, force=force, batch_size=batch_size, log=typer.echo)
 
 
-def _default_recipe() -> Path:
-    """The embedded model's recipe, shipped in the package (recipes/default.yaml links to it)."""
-    return Path(__file__).parent / "assets" / "default-recipe.yaml"
-
-
-def _given(values: dict, exclude=()) -> dict:
-    return {k: v for k, v in values.items() if k not in exclude and v is not None and v != []}
+def _overrides(**flags) -> dict:
+    """The flags given on the command line (None / an empty list = not given: the recipe's value stands)."""
+    return {k: v for k, v in flags.items() if v is not None and v != []}
 
 
 # ---------------------------------------------------------------------------------------------------------- export
@@ -166,63 +168,100 @@ def _given(values: dict, exclude=()) -> dict:
 def export(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="QAT checkpoint (a train output) or any Gemma 3 HF "
                                                                "checkpoint. Default: the latest run in runs/.")] = None,
-    to: Annotated[str, typer.Option("--to", help="gguf (llama.cpp, Ollama, LM Studio) or safetensors "
-                                    "(transformers, vLLM, gemma.cpp).")] = "gguf",
-    layout: Annotated[str, typer.Option(help="safetensors: unquantized (dequantized on-grid values), "
-                                        "compressed-tensors (vLLM pack-quantized int4) or sfp8 (codes + scale).")]
-    = "unquantized",
-    dtype: Annotated[Optional[str], typer.Option(help="safetensors storage dtype of float tensors: f32 (exact; "
+    to: Annotated[str, typer.Option("--to", help="gguf (llama.cpp, Ollama, LM Studio), safetensors "
+                                    "(transformers, vLLM) or gemma-cpp (gemma.cpp .sbs: SFP8 at 8 bits).")] = "gguf",
+    layout: Annotated[Optional[str], typer.Option(help="--to safetensors: unquantized (dequantized on-grid values; "
+                                                  "default), compressed-tensors (vLLM pack-quantized int4) or sfp8 "
+                                                  "(codes + scale).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="--to safetensors: storage dtype of float tensors: f32 (exact; "
                                                  "default for unquantized), f16, bf16.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write. Default: inside "
-                                                   "the checkpoint directory.")] = None,
-    type: Annotated[Optional[str], typer.Option("--type", help="Plain (non-QAT) checkpoints: f32, f16, bf16, "
-                                                "q8_0 or q4_0 (post-training quantization).")] = None,
-    embedding_type: Annotated[str, typer.Option(help="An embedding not trained quantized: auto (= q8_0, llama.cpp's "
-                                                "QAT choice; Google's F16 costs +0.8-1.6 GB on the released sizes), "
-                                                "q4_0, q8_0, f16, bf16, f32.")] = "auto",
-    lossy: Annotated[bool, typer.Option("--lossy", help="sfp8: write Q8_0 instead of exact BF16/F32 values.")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File (gguf) or directory (safetensors) "
+                                                   "to write; its parent must exist. Default: inside the "
+                                                   "checkpoint directory.")] = None,
+    type: Annotated[Optional[str], typer.Option("--type", help="Plain (non-QAT) checkpoints. --to gguf: f32, f16, "
+                                                "bf16, q8_0 or q4_0 (post-training quantization); --to gemma-cpp: "
+                                                "bf16, f32 or sfp8.")] = None,
+    embedding_type: Annotated[Optional[str], typer.Option(help="--to gguf, an embedding not trained quantized: auto "
+                                                          "(= q8_0, llama.cpp's QAT choice; Google's F16 costs "
+                                                          "+0.8-1.6 GB on the released sizes), q4_0, q8_0, f16, "
+                                                          "bf16, f32.")] = None,
+    lossy: Annotated[bool, typer.Option("--lossy", help="--to gguf, sfp8: write Q8_0 instead of exact BF16/F32 "
+                                        "values.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (tensor types, sizes); write nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files (the output and the model card, "
+                                        "mmproj beside it).")] = False,
 ):
-    """Export to GGUF (trained codes written exactly: int4 as Q4_0; tokenizer, chat template, mmproj) or safetensors.
+    """Export to GGUF (trained codes written exactly: int4 as Q4_0; tokenizer, chat template, mmproj), safetensors,
+    or gemma.cpp's .sbs (sfp8 runs: the trained SFP8 codes and scales).
+
+    Each --to takes only its own options; the other's are refused, not ignored.
 
     Examples:
       gemma3-qat export --to gguf                       # the latest run in runs/
       gemma3-qat export --to gguf runs/x -o x.gguf
       gemma3-qat export --to gguf ~/gemma-3-1b-pt --type q4_0   # the PTQ baseline
       gemma3-qat export --to safetensors runs/x -o x-vllm --layout compressed-tensors
+      gemma3-qat export --to safetensors runs/x --dry-run
+      gemma3-qat export --to gemma-cpp runs/x-sfp8 -o x.sbs        # then: gemma --weights x.sbs
     """
-    from gemma3_qat.exporters.gguf import export_gguf
-    from gemma3_qat.qat.train import latest_run
+    from gemma3_qat.checkpoint import latest_run
+    from gemma3_qat.report import plan_report, style_of
 
-    if to not in ("gguf", "safetensors"):
-        raise InputError(f"unknown --to {to!r}; choose gguf or safetensors")
+    if to not in EXPORT_TARGETS:
+        raise InputError(f"unknown --to {to!r}; choose one of: {', '.join(EXPORT_TARGETS)}")
+    style = style_of(as_json=as_json)
     if checkpoint is None:
         checkpoint = latest_run()
         if checkpoint is None:
             raise MissingFileError("no checkpoint given and no run in runs/; train first or name a checkpoint")
-        typer.echo(f"exporting the latest run: {checkpoint}")
+        typer.echo(f"exporting the latest run: {checkpoint}", err=as_json)
+    log = (lambda *_: None) if as_json else typer.echo
     if to == "safetensors":
         from gemma3_qat.exporters.safetensors import export_safetensors
 
         if output is None:
-            output = checkpoint.parent / f"{checkpoint.name}-{layout}"
-        out = export_safetensors(checkpoint, output, layout=layout, dtype=dtype, force=force, log=typer.echo)
-        size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-        typer.echo(f"wrote {out} ({layout}, {size / 1e6:.2f} MB of safetensors)")
-        return
-    plan = export_gguf(checkpoint, output, plain_type=type, embedding_type=embedding_type, lossy=lossy, force=force,
-                       dry_run=dry_run, log=typer.echo)
-    by_type: dict[str, int] = {}
-    for t in plan.tensors:
-        by_type[t.ggml_type.name] = by_type.get(t.ggml_type.name, 0) + t.nbytes
-    if dry_run:
-        for t in plan.tensors:
-            typer.echo(f"{t.gguf_name:<32} {t.ggml_type.name:<5} {str(list(t.shape)):<16} {t.nbytes:>12,}  {t.note}")
-    summary = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in by_type.items())
-    typer.echo(f"{'would write' if dry_run else 'wrote'} {plan.path} (tensor data {plan.nbytes / 1e6:.2f} MB: {summary})")
-    for note in plan.notes:
-        typer.echo(f"note: {note}")
+            output = checkpoint.parent / f"{checkpoint.name}-{layout or 'unquantized'}"
+        plan = export_safetensors(checkpoint, output, layout=layout, dtype=dtype, force=force, dry_run=dry_run,
+                                  log=log, plain_type=type, embedding_type=embedding_type, lossy=lossy)
+        rows = [_PlanRow(s.name, str(s.dtype).removeprefix("torch."), s.shape, s.nbytes, t.kind)
+                for t in plan.tensors for s in t.stored]
+        report = plan_report(plan.path, rows, nbytes=plan.nbytes, dry_run=dry_run,
+                             notes=[f"layout {plan.layout}, {plan.format}, float tensors {plan.dtype}"])
+    elif to == "gemma-cpp":
+        from gemma3_qat.exporters import refuse_flags
+        from gemma3_qat.exporters.gemma_cpp import export_gemma_cpp
+
+        refuse_flags("gemma-cpp", layout=layout, dtype=dtype, embedding_type=embedding_type, lossy=lossy)
+        plan = export_gemma_cpp(checkpoint, output, type=type, dry_run=dry_run, force=force, log=log)
+        rows = [_PlanRow(t.name, t.type, t.shape, t.nbytes, t.note) for t in plan.tensors]
+        report = plan_report(plan.path, rows, nbytes=plan.nbytes, notes=plan.notes, dry_run=dry_run)
+    else:
+        from gemma3_qat.exporters.gguf import export_gguf
+
+        plan = export_gguf(checkpoint, output, plain_type=type, embedding_type=embedding_type, lossy=lossy,
+                           force=force, dry_run=dry_run, log=log, layout=layout, dtype=dtype)
+        report = plan_report(plan.path, plan.tensors, nbytes=plan.nbytes, notes=plan.notes, dry_run=dry_run)
+    if style == "json" or dry_run:
+        typer.echo(report.render(style), nl=False)
+    else:  # the plan's title line and notes; the tensor table only with --dry-run
+        typer.echo(report.tables[0].title)
+        for note in report.tables[0].notes:
+            typer.echo(note)
+
+
+EXPORT_TARGETS = ("gguf", "safetensors", "gemma-cpp")
+
+
+@dataclass
+class _PlanRow:
+    """A stored tensor of a safetensors plan, in the columns of an export plan."""
+
+    gguf_name: str
+    ggml_type: str
+    shape: tuple
+    nbytes: int
+    note: str
 
 
 @app.command("eval")
@@ -255,26 +294,29 @@ def eval_(
 
 @app.command()
 def inspect(
-    file: Annotated[Path, typer.Argument(help="A .gguf file.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    file: Annotated[Path, typer.Argument(help="A .gguf (llama.cpp) or .sbs (gemma.cpp) file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (metadata values whole).")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV output.")] = False,
+    as_markdown: Annotated[bool, typer.Option("--markdown", help="Markdown tables.")] = False,
 ):
-    """Show a GGUF file's metadata, tensor table and totals."""
-    from gemma3_qat.exporters.gguf import inspect_gguf
+    """Show a GGUF or gemma.cpp .sbs file's metadata, tensor table and totals (the file is validated first).
 
+    Examples:
+      gemma3-qat inspect model.gguf
+      gemma3-qat inspect model.gguf --json
+      gemma3-qat inspect model.sbs
+    """
+    from gemma3_qat.report import inspect_report, style_of
+
+    style = style_of(as_json=as_json, as_csv=as_csv, as_markdown=as_markdown)
     if not file.exists():
         raise MissingFileError(f"{file} does not exist")
-    info = inspect_gguf(file)
-    if as_json:
-        typer.echo(json.dumps(info, indent=2, default=str))
-        return
-    for k, v in info["metadata"].items():
-        text = str(v)
-        typer.echo(f"{k:<44} {text if len(text) < 80 else text[:77] + '...'}")
-    typer.echo("")
-    for t in info["tensors"]:
-        typer.echo(f"{t['name']:<36} {t['type']:<6} {str(t['shape']):<18} {t['bytes']:>14,}")
-    typer.echo(f"\n{len(info['tensors'])} tensors, {info['tensor_bytes']:,} bytes of tensor data "
-               f"({', '.join(f'{k} {v:,}' for k, v in info['bytes_by_type'].items())}); file {info['file_bytes']:,} bytes")
+    if file.suffix == ".sbs":
+        from gemma3_qat.runtimes.gemma_cpp import inspect_sbs as inspect_file
+    else:
+        from gemma3_qat.exporters.gguf import inspect_gguf as inspect_file
+    text = inspect_report(inspect_file(file)).render(style)
+    typer.echo(text, nl=not text.endswith("\n"))  # tables end with one; JSON does not
 
 
 @app.command()
@@ -321,36 +363,20 @@ def memory(
       gemma3-qat memory --check benchmarks/memory-baseline.json
     """
     from gemma3_qat import memory as mem
+    from gemma3_qat.report import style_of
 
-    views = [n for n, on in (("--table3", table3), ("--training", training), ("--measure", measure),
-                             ("--check", check), ("--update-baseline", update_baseline)) if on]
-    styles = [n for n, on in (("json", as_json), ("csv", as_csv), ("markdown", as_markdown)) if on]
-    if len(views) > 1 or len(styles) > 1:
-        raise InputError(f"choose one of {' / '.join(views if len(views) > 1 else ['--' + s for s in styles])}")
-    formats = tuple(format or mem.TABLE_FORMATS)
-    containers = (container,) if container else mem.CONTAINERS
-    if table3:
-        report = mem.table3_report(embedding)
-    elif training:
-        report = mem.training_report(model or "27b", mem.TrainingOptions(
-            seq_len=seq_len, micro_batch=batch, gpus=gpus, device=device, kd=kd,
-            quantize_embeddings=embedding == "quantized"))
-    elif measure:
-        report = mem.measure_report(measure, format=format[0] if format else None, embedding=embedding,
-                                    per_tensor=bool(styles))
-    elif check:
-        report = mem.check_report(check, tolerance)
-    elif update_baseline:
-        report = mem.update_baseline_report(update_baseline)
-    elif model is None:
-        report = mem.overview_report(context, batch=batch, kv_dtype=kv_dtype, formats=formats, embedding=embedding,
-                                     vision=vision)
-    else:
-        report = mem.model_report(model, formats, containers, context=context, batch=batch, kv_dtype=kv_dtype,
-                                  embedding=embedding, vision=vision)
-    typer.echo(report.render(styles[0] if styles else "text"), nl=False)
+    style = style_of(as_json=as_json, as_csv=as_csv, as_markdown=as_markdown)
+    query = mem.MemoryQuery(
+        model=model, formats=tuple(format or ()), container=container, embedding=embedding, vision=vision,
+        context=context, kv_dtype=kv_dtype, batch=batch, table3=table3, training=training, seq_len=seq_len, gpus=gpus,
+        device=device, kd=kd, measure=measure, check=check, update_baseline=update_baseline, tolerance=tolerance,
+        per_tensor=style != "text")
+    report = query.report()
+    text = report.render(style)
+    typer.echo(text, nl=not text.endswith("\n"))  # tables end with one; JSON does not
     if plot:
-        typer.echo(f"wrote {mem.plot(plot, model or '27b', formats=formats, kv_dtype=kv_dtype)}", err=bool(styles))
+        path = mem.plot(plot, model or "27b", formats=query.chosen_formats, kv_dtype=kv_dtype)
+        typer.echo(f"wrote {path}", err=style != "text")
     if report.failed:
         raise typer.Exit(1)
 
@@ -385,6 +411,9 @@ def _error_message(exc: BaseException) -> str | None:
 
 def main() -> None:
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # silence CUDA-only extension warnings
+    # torchao (imported by transformers' quantizer registry) registers enums the way torch now deprecates: one
+    # warning per enum on every command, about code that is not ours
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     debug = bool(os.environ.get("GEMMA3_QAT_DEBUG"))
     try:
         app()
@@ -403,8 +432,9 @@ def main() -> None:
                        f"gemma3-qat {__version__}; please report it with the output of GEMMA3_QAT_DEBUG=1 "
                        "(which shows the traceback)", err=True)
             sys.exit(1)
-        typer.echo(f"error: {message}", err=True)
-        sys.exit(1)
+        code = getattr(exc, "exit_code", 1)  # TrainingStopped: 130, the shell's code for a stop by SIGINT
+        typer.echo(f"error: {message}" if code == 1 else message, err=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

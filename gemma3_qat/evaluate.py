@@ -9,16 +9,15 @@ with the teacher; with a post-training-quantization baseline, the fraction of it
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from gemma3_qat.errors import InputError, MissingFileError
+from gemma3_qat.report import Report, Table
 
 
 class EvalError(InputError):
@@ -50,10 +49,9 @@ class EvalReport:
     teacher_perplexity: float
     results: list[Result] = field(default_factory=list)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    def table(self, markdown: bool = False) -> str:
+    def report(self) -> Report:
+        """The comparison as one table (``gemma3_qat.report``: the same text / markdown / csv / json as every
+        command). Cells are preformatted strings: each metric keeps its own precision."""
         head = ["candidate", "backend", "format", "steps", "ppl", "KL mean", "KL p99", "top-1", "recovered ppl",
                 "recovered KL"]
         rows = [["teacher", "pytorch", "-", "-", f"{self.teacher_perplexity:.3f}", "0", "0", "100.0%", "", ""]]
@@ -62,12 +60,18 @@ class EvalReport:
             rows.append([r.name, r.backend, r.format, "-" if r.steps is None else str(r.steps), f"{r.perplexity:.3f}",
                          f"{r.kl_mean:.5f}", f"{r.kl_p99:.4f}", f"{100 * r.top1:.1f}%", pct(r.recovered_ppl),
                          pct(r.recovered_kl)])
-        if markdown:
-            lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            lines += ["| " + " | ".join(row) + " |" for row in rows]
-            return "\n".join(lines)
-        widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *rows])
+        title = (f"teacher {self.teacher} vs candidates: {self.windows} windows of {self.seq_len} tokens from "
+                 f"{self.data}")
+        notes = ["KL = KL(teacher || candidate) per token; recovered = (PTQ - QAT) / (PTQ - teacher), against the "
+                 "0-step candidate of the same format and backend (or --baseline)"]
+        return Report(self, [Table(title, head, rows, notes)])
+
+    def to_json(self) -> str:
+        return self.report().render("json")
+
+    def table(self, markdown: bool = False, style: str | None = None) -> str:
+        """``style``: text, markdown, csv or json (``markdown=True`` is ``style="markdown"``)."""
+        return self.report().render(style or ("markdown" if markdown else "text"))
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -84,7 +88,8 @@ def evaluation_windows(tokenizer, *, data: list[str] | None = None, seq_len: int
     if data:
         docs = []
         for spec in data:
-            docs.extend(tokenize_documents(load_documents(DataSource.parse(spec)), tokenizer))
+            src = DataSource.parse(spec)
+            docs.extend(tokenize_documents(load_documents(src), tokenizer, path=src.path))
         name = ", ".join(data)
     else:
         from gemma3_qat.assets import validation_documents
@@ -114,9 +119,12 @@ def pytorch_logits(checkpoint: str | Path, windows: torch.Tensor, batch: int = 8
     if qat_json.exists():
         meta = QATMetadata.read(qat_json)
         prepare(model, meta.format, quantize_embeddings=meta.quantize_embeddings)
-    with torch.no_grad():
-        for i in range(0, len(windows), batch):
-            yield from model(input_ids=windows[i:i + batch]).logits.float()
+    for i in range(0, len(windows), batch):
+        # no_grad around the forward only: a generator suspended inside the context would leave gradients off
+        # in the caller's thread until it is exhausted
+        with torch.no_grad():
+            logits = model(input_ids=windows[i:i + batch]).logits.float()
+        yield from logits
 
 
 class LlamaCppModel:
@@ -168,9 +176,10 @@ def llama_cpp_logits(path: str | Path, windows: torch.Tensor, tokenizer) -> Iter
 
 
 def _gguf_provenance(path: Path) -> tuple[str, int | None]:
-    from gguf import GGUFReader
+    from gemma3_qat.gguf_file import open_gguf
 
-    fields = GGUFReader(str(path)).fields
+    # validated before llama.cpp sees the file (evaluate() reads this first): a torn GGUF is one line naming it
+    fields = open_gguf(path).fields
     fmt = fields["gemma3_qat.format"].contents() if "gemma3_qat.format" in fields else "?"
     steps = fields["gemma3_qat.steps"].contents() if "gemma3_qat.steps" in fields else None
     return ("none" if fmt.startswith("none") else fmt), steps
@@ -180,16 +189,15 @@ def _gguf_provenance(path: Path) -> tuple[str, int | None]:
 
 
 def _compare(candidate_logits: Iterator[torch.Tensor], teacher_logits: list[torch.Tensor], labels: torch.Tensor):
+    from gemma3_qat.qat.distill import token_metrics  # the one definition of KL, top-1 and NLL
+
     kls, agree, nll, count = [], 0.0, 0.0, 0
     for logits, t_logits, lab in zip(candidate_logits, teacher_logits, labels):
-        s = F.log_softmax(logits[:-1].float(), -1)
-        t = F.log_softmax(t_logits[:-1].float(), -1)
-        y = lab[1:]
-        mask = y != -100
-        kl = (t.exp() * (t - s)).sum(-1)[mask]
-        kls.append(kl)
-        agree += float((s.argmax(-1) == t.argmax(-1))[mask].sum())
-        nll += float(-s.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask].sum())
+        m = token_metrics(logits[:-1], lab[1:], teacher_logits=t_logits[:-1])
+        mask = m["mask"]
+        kls.append(m["kl"][mask])
+        agree += float(m["top1"][mask].sum())
+        nll += float(m["nll"][mask].sum())
         count += int(mask.sum())
     kl = torch.cat(kls)
     return math.exp(nll / count), float(kl.mean()), float(torch.quantile(kl.double(), 0.99)), agree / count, count
@@ -197,15 +205,28 @@ def _compare(candidate_logits: Iterator[torch.Tensor], teacher_logits: list[torc
 
 def evaluate(candidates: list[str | Path], *, teacher: str | None = None, data: list[str] | None = None,
              seq_len: int = 256, max_windows: int = 32, baseline: str | None = None, log=print) -> EvalReport:
-    """Compare checkpoints and GGUF files with the teacher (default: the teacher named in their qat.json)."""
-    from gemma3_qat.checkpoint import QAT_JSON, QATMetadata
+    """Compare checkpoints (PyTorch), GGUF files (llama.cpp) and .sbs files (gemma.cpp) with the teacher (default:
+    the teacher named in their qat.json)."""
+    from gemma3_qat.checkpoint import QAT_JSON, Checkpoint, QATMetadata
+    from gemma3_qat.gguf_file import validate_gguf
     from gemma3_qat.models import resolve_model
+    from gemma3_qat.qat.distill import token_metrics
     from gemma3_qat.tokenizer import load_tokenizer
 
     paths = [Path(c) for c in candidates]
     for p in paths:
         if not p.exists():
             raise MissingFileError(f"candidate {p} does not exist")
+        # every candidate checked before the teacher runs (sizes and headers; the weights' checksums when it is
+        # loaded): a torn file is one line naming it, minutes sooner
+        if p.suffix == ".gguf":
+            validate_gguf(p)
+        elif p.suffix == ".sbs":
+            from gemma3_qat.exporters.sbs import read_sbs
+
+            read_sbs(p)
+        else:
+            Checkpoint(p, verify=False)
     if teacher is None:
         named = [QATMetadata.read(p / QAT_JSON).teacher for p in paths if p.is_dir() and (p / QAT_JSON).exists()]
         teacher = named[0] if named else None
@@ -214,14 +235,19 @@ def evaluate(candidates: list[str | Path], *, teacher: str | None = None, data: 
     windows, labels, data_name = evaluation_windows(tokenizer, data=data, seq_len=seq_len, max_windows=max_windows)
     log(f"evaluating on {len(windows)} windows of {seq_len} tokens from {data_name}")
     t_logits = list(pytorch_logits(teacher, windows))
-    nll = sum(float(-F.log_softmax(t[:-1], -1).gather(-1, y[1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)[y[1:] != -100].sum())
-              for t, y in zip(t_logits, labels))
+    teacher_nll = (token_metrics(t[:-1], y[1:]) for t, y in zip(t_logits, labels))
+    nll = sum(float(m["nll"][m["mask"]].sum()) for m in teacher_nll)
     report = EvalReport(str(teacher), data_name, len(windows), seq_len,
                         math.exp(nll / int((labels[:, 1:] != -100).sum())))
     for p in paths:
         if p.suffix == ".gguf":
             fmt, steps = _gguf_provenance(p)
             logits, backend = llama_cpp_logits(p, windows, tokenizer), "llama.cpp"
+        elif p.suffix == ".sbs":
+            from gemma3_qat.runtimes.gemma_cpp import gemma_cpp_logits, sbs_provenance
+
+            fmt, steps = sbs_provenance(p)
+            logits, backend = gemma_cpp_logits(p, windows, tokenizer), "gemma.cpp"
         else:
             meta = QATMetadata.read(p / QAT_JSON) if (p / QAT_JSON).exists() else None
             fmt, steps = (meta.format, meta.steps) if meta else ("none", None)

@@ -1,4 +1,4 @@
-"""The numerics of the three QAT weight formats: the single source of truth.
+"""The three QAT weight formats: their numerics (the single source of truth) and their container facts.
 
 Both the fake-quantizer (training) and the exporters call these functions, which is what makes an export
 bit-exact with the weights the student was trained with. The rules are ported from the runtimes, see
@@ -13,19 +13,31 @@ bit-exact with the weights the student was trained with. The rules are ported fr
 
 All math is fp32 whatever the weight's dtype, vectorised torch, on the weight's own device (CPU or CUDA).
 A weight is a 2-D ``[out, in]`` tensor as ``nn.Linear`` and ``nn.Embedding`` hold it.
+
+Each format also owns the facts of the containers it is stored in, so that the exporters and the memory model
+ask the format object instead of re-deriving them from its name: its compact container (code bits, scale dtype
+and granularity -> ``compact_bytes``), its GGUF encoding (``gguf_ggml_type`` / ``gguf_encoding``), its
+compressed-tensors scheme and whether its codes are a safetensors layout of their own. Adding a format is one
+class here (see ``tests/test_layout.py``, which registers a throwaway int8 format and exports it).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
+
 from gemma3_qat.errors import InputError
 
 __all__ = [
     "FormatError",
     "QuantizedWeight",
+    "GGUFEncoding",
     "WeightFormat",
     "Int4Block",
     "Int4Channel",
@@ -34,11 +46,12 @@ __all__ = [
     "get_format",
     "fake_quantize",
     "q4_0_blocks",
+    "encode_values",
     "SFP8_DECODE_TABLE",
 ]
 
-Q4_0_BLOCK = 32  # weights per Q4_0 block (ggml QK4_0)
-Q4_0_BLOCK_BYTES = 18  # fp16 scale + 16 bytes of nibbles
+T = GGMLQuantizationType
+Q4_0_BLOCK, Q4_0_BLOCK_BYTES = GGML_QUANT_SIZES[T.Q4_0]  # 32 weights per block, fp16 scale + 16 bytes of nibbles
 SFP_MAX = 1.875  # gemma.cpp SfpStream::kMax: the largest SFP magnitude
 FP16_MAX = 65504.0
 
@@ -231,14 +244,39 @@ def _sfp8_index(weight32: torch.Tensor, scale: torch.Tensor | None = None) -> tu
 # --------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class GGUFEncoding:
+    """How one trained tensor goes into a GGUF file: its GGML type and the encoder of its row chunks."""
+
+    ggml_type: GGMLQuantizationType
+    encode: Callable[[torch.Tensor], np.ndarray]  # fp32 rows chunk -> bytes (or values) in ggml_type's layout
+    note: str  # what the export plan says about the tensor
+
+
 class WeightFormat:
-    """One QAT weight format: quantize -> codes + scales, dequantize, and the fake-quantized values."""
+    """One QAT weight format: quantize -> codes + scales, dequantize, the fake-quantized values, and its containers.
+
+    A subclass sets the class attributes below and writes ``quantize`` / ``dequantize`` (and, where it is not the
+    default ``values -> GGUF type``, ``gguf_encode``); everything else the exporters and the memory model need is
+    derived here from those attributes.
+    """
 
     name: str = ""
-    bits_per_weight: float = 0.0  # as stored in its compact container
     summary: str = ""
     runtimes: str = ""
-    gguf_type: str = ""  # how the weights go into a GGUF file
+    # the compact container (the format's own home: compressed-tensors, gemma.cpp): codes + scales
+    code_bits: int = 0  # bits per code
+    code_name: str = ""  # the codes' kind in a storage label, e.g. int4
+    scale_dtype: torch.dtype = torch.float16  # as stored
+    granularity: int | str = "row"  # weights per scale along a row (an int), "row" or "tensor"
+    # GGUF: the types that hold the trained values exactly (the first is the usual one), and the --lossy one
+    gguf_exact: tuple[GGMLQuantizationType, ...] = ()
+    gguf_lossy: GGMLQuantizationType | None = None
+    gguf_caveat: str = ""  # said in the export plan and model card: how GGUF differs from the compact container
+    safetensors_codes: bool = False  # its codes + scale are a safetensors layout of their own (named after it)
+    safetensors_metadata: dict[str, str] = {}  # that layout's file metadata
+
+    # ---------------------------------------------------------------------------------------------- numerics
 
     def check_shape(self, shape: tuple[int, ...]) -> None:
         if len(shape) != 2:
@@ -254,16 +292,120 @@ class WeightFormat:
         """``dequantize(quantize(weight))`` in fp32, computed without materialising the codes' storage."""
         return self.dequantize(self.quantize(weight))
 
+    def tensor_scale(self, maxabs: torch.Tensor) -> torch.Tensor:
+        """The per-tensor scale from the tensor's max |w| (formats with ``granularity == "tensor"``)."""
+        raise FormatError(f"{self.name} has no per-tensor scale")
+
+    def _values(self, rows: torch.Tensor, tensor_scale: torch.Tensor | None) -> torch.Tensor:
+        if tensor_scale is None:
+            return self.fake_quantize_values(rows)
+        return self.fake_quantize_values(rows, scale=tensor_scale)
+
+    # ---------------------------------------------------------------------------------------------- compact
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bits per weight in the compact container, counting the scales of fixed-size blocks (int4-block: 4.5)
+        but not one scale per row or tensor, whose share depends on the shape (see ``compact_bytes``)."""
+        scale_bits = torch.finfo(self.scale_dtype).bits
+        return self.code_bits + (scale_bits / self.granularity if isinstance(self.granularity, int) else 0.0)
+
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the scales of a weight of ``shape`` (as ``quantize`` returns them)."""
+        out, n_in = shape[0], math.prod(shape[1:])
+        if self.granularity == "tensor":
+            return ()
+        if self.granularity == "row":
+            return (out, 1)
+        if n_in % self.granularity:
+            raise FormatError(f"{self.name} needs rows that are a multiple of {self.granularity}, got shape {shape}")
+        return (out, n_in // self.granularity)
+
+    def compact_bytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes of a weight of ``shape`` in the compact container: each row's codes packed to whole bytes, plus
+        the scales."""
+        out, n_in = shape[0], math.prod(shape[1:])
+        scales = math.prod(self.scale_shape(shape))
+        return out * math.ceil(n_in * self.code_bits / 8) + scales * torch.finfo(self.scale_dtype).bits // 8
+
+    @property
+    def compact_label(self) -> str:
+        """How the memory report names the compact storage, e.g. ``int4+fp16/32``."""
+        scale = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}[self.scale_dtype]
+        return f"{self.code_name}+{scale}/{self.granularity}"
+
+    def compressed_tensors_scheme(self) -> dict | None:
+        """The compressed-tensors ``weights`` quantization args of the pack-quantized layout; None if it has none."""
+        return None
+
+    def check_value_dtype(self, dtype: torch.dtype) -> None:
+        """Refuse a storage dtype that cannot hold the format's values (the unquantized safetensors layout)."""
+
+    # ---------------------------------------------------------------------------------------------- GGUF
+
+    @property
+    def gguf_type(self) -> str:
+        """The GGUF types, in words (``gemma3-qat formats``)."""
+        exact = "/".join(t.name for t in self.gguf_exact)
+        if self.gguf_lossy is None:
+            return exact
+        return f"{exact} (exact values) or {self.gguf_lossy.name} (lossy)"
+
+    def gguf_ggml_type(self, *, lossy: bool = False,
+                       tensor_scale: torch.Tensor | None = None) -> GGMLQuantizationType:
+        """The GGUF type of a trained tensor. ``tensor_scale``: the tensor's own scale where the choice depends
+        on it; None predicts the usual case (the memory model, which has no weights)."""
+        if lossy:
+            if self.gguf_lossy is None:
+                raise FormatError(f"{self.name} has no lossy GGUF type: it is written exactly as "
+                                  f"{self.gguf_type}; drop --lossy")
+            return self.gguf_lossy
+        return self.gguf_exact[0]
+
+    def gguf_encode(self, rows: torch.Tensor, ggml_type: GGMLQuantizationType,
+                    tensor_scale: torch.Tensor | None = None) -> np.ndarray:
+        """A chunk of rows of a trained tensor in ``ggml_type``'s layout. Default: the fake-quantized values,
+        encoded by the runtime's own rule for that type (exact where the type holds them)."""
+        return encode_values(self._values(rows, tensor_scale), ggml_type)
+
+    def gguf_encoding(self, *, lossy: bool = False, tensor_scale: torch.Tensor | None = None) -> GGUFEncoding:
+        ggml_type = self.gguf_ggml_type(lossy=lossy, tensor_scale=tensor_scale)
+        note = (f"{self.name} codes" if tensor_scale is None
+                else f"{self.name} values (scale {float(tensor_scale):.6g})")
+        return GGUFEncoding(ggml_type, lambda rows: self.gguf_encode(rows, ggml_type, tensor_scale), note)
+
+    def gguf_note(self, *, lossy: bool = False) -> str | None:
+        """What the export plan says about the whole file (None: nothing to say)."""
+        return self.gguf_caveat or None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
-class Int4Block(WeightFormat):
+class _Int4(WeightFormat):
+    """int4 codes ``q = k + 8`` in [0, 15] with fp16 scales: Q4_0 in GGUF, pack-quantized in compressed-tensors."""
+
+    code_bits = 4
+    code_name = "int4"
+    gguf_exact = (T.Q4_0,)
+
+    def compressed_tensors_scheme(self):
+        block = isinstance(self.granularity, int)
+        return {"num_bits": self.code_bits, "type": "int", "symmetric": True, "dynamic": False,
+                "observer": "minmax", "strategy": "group" if block else "channel",
+                "group_size": self.granularity if block else None}
+
+    def gguf_encode(self, rows, ggml_type, tensor_scale=None):
+        if ggml_type != T.Q4_0:
+            return super().gguf_encode(rows, ggml_type, tensor_scale)
+        return q4_0_blocks(self.quantize(rows))  # the trained codes and scales, never re-derived
+
+
+class Int4Block(_Int4):
     name = "int4-block"
-    bits_per_weight = 4.5  # 18 bytes per 32 weights
     summary = "int4, one fp16 scale per 32 weights (llama.cpp Q4_0, bit-exact)"
     runtimes = "llama.cpp / Ollama / LM Studio (GGUF Q4_0), vLLM (compressed-tensors W4A16 group 32)"
-    gguf_type = "Q4_0"
+    granularity = Q4_0_BLOCK  # 4 + 16/32 = 4.5 bits per weight: Q4_0's 18 bytes per 32
 
     def check_shape(self, shape):
         super().check_shape(shape)
@@ -295,12 +437,13 @@ class Int4Block(WeightFormat):
         return _q4_0_q(blocks, inv).sub_(8.0).mul_(scale.to(torch.float32)).reshape(weight.shape)
 
 
-class Int4Channel(WeightFormat):
+class Int4Channel(_Int4):
     name = "int4-channel"
-    bits_per_weight = 4.0  # plus one fp16 scale per row (compact containers); GGUF stores it as Q4_0 (4.5)
     summary = "int4, one fp16 scale per output channel (Q4_0's rule over the whole row)"
     runtimes = "vLLM (compressed-tensors W4A16 channel), llama.cpp as Q4_0 with the row scale in every block"
-    gguf_type = "Q4_0"
+    granularity = "row"  # 4 bits + one fp16 scale per row; GGUF stores it as Q4_0 (4.5)
+    gguf_caveat = ("int4-channel is stored as Q4_0 with each row's scale in every block: exact, but 4.5 bits per "
+                   "weight in GGUF (the 4-bit saving needs compressed-tensors or gemma.cpp)")
 
     def quantize(self, weight):
         self.check_shape(tuple(weight.shape))
@@ -320,10 +463,21 @@ class Int4Channel(WeightFormat):
 
 class SFP8(WeightFormat):
     name = "sfp8"
-    bits_per_weight = 8.0  # plus one fp32 scale per tensor
     summary = "switched floating point, 1 byte per weight + 1 scale per tensor (gemma.cpp SFP)"
     runtimes = "gemma.cpp (SFP), safetensors codes + scale; GGUF as exact BF16/F32 values (no SFP type)"
-    gguf_type = "BF16/F32 (exact values) or Q8_0 (lossy)"
+    code_bits = 8  # plus one fp32 scale per tensor
+    code_name = "sfp8"
+    scale_dtype = torch.float32
+    granularity = "tensor"
+    gguf_exact = (T.BF16, T.F32)  # GGUF has no SFP type: BF16 where the tensor scale allows it, else F32
+    gguf_lossy = T.Q8_0
+    gguf_caveat = ("GGUF has no SFP type: sfp8 weights are written as their exact values (BF16 where the tensor "
+                   "scale allows, else F32); --lossy writes Q8_0 instead")
+    safetensors_codes = True
+    safetensors_metadata = {
+        "format": "gemma3-qat-sfp8", "encoding": "gemma.cpp switched floating point (SFP): per weight one byte, bit "
+        "7 sign; bit 6 = 1: (1 + m/8) * 2^(E-15), E = bits 6..3 + 8, m = bits 2..0; bit 6 = 0: (1 + m/4) * 2^(E-23), "
+        "E = bits 5..2, m = bits 1..0; magnitude 0 = zero; value = decoded * scale"}
 
     def _index(self, weight: torch.Tensor, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_shape(tuple(weight.shape))
@@ -345,6 +499,29 @@ class SFP8(WeightFormat):
         out = torch.empty(index.shape, dtype=torch.float32, device=index.device)
         torch.index_select(values, 0, index.view(-1), out=out.view(-1))
         return out.mul_(s)
+
+    def tensor_scale(self, maxabs):
+        return sfp8_scale(maxabs.reshape(1, 1))
+
+    def gguf_ggml_type(self, *, lossy=False, tensor_scale=None):
+        if lossy:
+            return super().gguf_ggml_type(lossy=True)
+        # exact values: BF16 when the tensor's scale has at most 4 significant bits (scale 1 whenever
+        # max|w| <= 1.875, the usual case and the prediction without weights), else F32
+        return T.BF16 if tensor_scale is None or sfp8_values_fit_bf16(tensor_scale) else T.F32
+
+    def gguf_encode(self, rows, ggml_type, tensor_scale=None):
+        if ggml_type == T.BF16:  # the values are bf16 values: their top 16 bits, faster than gguf's numpy rule
+            values = self.fake_quantize_values(rows, tensor_scale)
+            return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return super().gguf_encode(rows, ggml_type, tensor_scale)
+
+    def gguf_note(self, *, lossy=False):
+        return None if lossy else self.gguf_caveat
+
+    def check_value_dtype(self, dtype):
+        if dtype == torch.float16:
+            raise FormatError("f16 cannot hold SFP8's smallest values (below fp16's subnormal step); use f32")
 
 
 FORMATS: dict[str, WeightFormat] = {f.name: f for f in (Int4Block(), Int4Channel(), SFP8())}
@@ -390,7 +567,7 @@ def q4_0_blocks(qw: QuantizedWeight) -> np.ndarray:
     Per block: the fp16 scale (little-endian), then 16 bytes, byte ``j`` = element ``j`` (low nibble) and element
     ``j + 16`` (high nibble). An int4-channel weight repeats its row scale in every block: exact, never re-derived.
     """
-    if qw.format not in ("int4-block", "int4-channel"):
+    if not isinstance(get_format(qw.format), _Int4):
         raise FormatError(f"Q4_0 blocks hold int4 weights, not {qw.format}")
     out, n = qw.codes.shape
     if n % Q4_0_BLOCK:
@@ -401,3 +578,21 @@ def q4_0_blocks(qw: QuantizedWeight) -> np.ndarray:
     scales = qw.scales.to(torch.float16).expand(out, nb).cpu().contiguous().numpy()
     scale_bytes = scales.reshape(out, nb, 1).view(np.uint8)  # little-endian on every platform torch runs on
     return np.concatenate([scale_bytes, nibbles], axis=-1).reshape(out, nb * Q4_0_BLOCK_BYTES)
+
+
+def encode_values(values: torch.Tensor, ggml_type: GGMLQuantizationType) -> np.ndarray:
+    """fp32 values ``[rows, n]`` in ``ggml_type``'s layout, by the runtime's own rule for that type.
+
+    F16 refuses values beyond its range (it would write inf); BF16 and Q8_0 by the gguf package's reference rules
+    (= llama.cpp's); Q4_0 by int4-block's (= llama.cpp's).
+    """
+    x = values.to(torch.float32)
+    if ggml_type == T.F32:
+        return x.numpy()
+    if ggml_type == T.F16:
+        if x.numel() and float(x.abs().max()) > FP16_MAX:
+            raise FormatError("has values beyond fp16's range; export it as bf16 or f32")
+        return x.to(torch.float16).numpy()
+    if ggml_type == T.Q4_0:
+        return q4_0_blocks(FORMATS["int4-block"].quantize(x))
+    return gguf_quants.quantize(x.numpy(), ggml_type)

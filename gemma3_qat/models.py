@@ -1,24 +1,75 @@
 """Gemma 3 architecture facts: the released shapes, the layer pattern, and where things live in a checkpoint.
 
-The one home for model-shape constants (1B/4B/12B/27B) and for "which modules are the language model's matmuls".
+The one home for model-shape constants (1B/4B/12B/27B) and for "which modules are the language model's matmuls":
+one ``Architecture`` record per model (a released size, a checkpoint's config, a GGUF file's metadata), from which
+its HF config (``hf_config``), its stored tensors by group (``model_tensors``) and the memory model's counts are
+derived; and the one "is this Gemma 3" check (``is_multimodal_gemma3``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
+
 from gemma3_qat.errors import InputError, MissingFileError
 
 # The matmul weights of one decoder layer that QAT quantizes (gemma.cpp's SFP set; llama.cpp's Q4_0 set).
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 GLOBAL_LAYER_EVERY = 6  # 5 local (sliding-window) layers, then 1 global; layers 5, 11, 17, ... are global
+FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' layer_types names
+GEMMA3_MODEL_TYPES = {"gemma3_text": False, "gemma3": True}  # model_type -> multimodal (SigLIP tower + projector)
+QUANTIZED_GROUPS = ("attention", "mlp")  # the tensor groups QAT quantizes (the embedding only on request)
+
+
+def layer_types(num_layers: int) -> list[str]:
+    """Gemma 3's pattern: every 6th layer (1-based) is global ("full_attention"), the rest sliding-window."""
+    return [FULL if (i + 1) % GLOBAL_LAYER_EVERY == 0 else SLIDING for i in range(num_layers)]
+
+
+def _check_positive(record, names) -> None:
+    for name in names:
+        value = getattr(record, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise InputError(f"{type(record).__name__}.{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
-class Gemma3Shape:
-    """One released Gemma 3 size (HF conversion script and gemma.cpp configs agree)."""
+class VisionTower:
+    """A SigLIP vision tower's shape: what its parameter count, the HF config and the mmproj file need."""
+
+    image_size: int
+    patch_size: int
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int = 16
+    tokens_per_image: int = 256  # soft tokens per image after the projector's pooling
+    channels: int = 3
+
+    def __post_init__(self):
+        _check_positive(self, ("image_size", "patch_size", "layers", "hidden", "ffn", "heads", "tokens_per_image",
+                               "channels"))
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+# SigLIP so400m of the 4B/12B/27B models.
+SIGLIP = VisionTower(image_size=896, patch_size=14, layers=27, hidden=1152, ffn=4304, heads=16, tokens_per_image=256)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One Gemma 3 architecture: a released size, a checkpoint's config or a GGUF file's metadata.
+
+    The one record the rest derives from: the HF config (``hf_config``), the stored tensors by group
+    (``model_tensors``: what memory counts and which are quantized), the KV cache's layer split. Validated on
+    creation; ``layer_types`` defaults to Gemma 3's 5 local : 1 global pattern.
+    """
 
     name: str
     layers: int
@@ -28,45 +79,220 @@ class Gemma3Shape:
     kv_heads: int
     head_dim: int
     sliding_window: int
-    context: int
-    query_pre_attn_scalar: int
-    rope_scaling_factor: float | None  # linear scaling on global layers
-    vision: bool  # has the SigLIP tower + projector
-    nominal_params: float  # the "1B/4B/12B/27B" of the name, in parameters
-    vocab: int = 262_144
-    vocab_multimodal: int = 262_208  # HF multimodal configs pad the embedding to this
+    context: int  # max_position_embeddings
+    vocab: int  # embedding rows as the checkpoint holds them (HF multimodal configs pad to 262,208)
+    layer_types: tuple[str, ...] = ()
+    vision: VisionTower | None = None  # the SigLIP tower + projector of multimodal checkpoints
+    nominal_params: float | None = None  # the "27B" of the name, for Table 3's convention
+    source: str = "built-in"
+    query_pre_attn_scalar: int | None = None  # None: head_dim (the tiny models; llama.cpp uses head_dim anyway)
+    rope_scaling_factor: float | None = None  # linear scaling on global layers
     rope_global: float = 1_000_000.0
     rope_local: float = 10_000.0
     rms_norm_eps: float = 1e-6
 
+    def __post_init__(self):
+        _check_positive(self, ("layers", "hidden", "ffn", "heads", "kv_heads", "head_dim", "sliding_window",
+                               "context", "vocab"))
+        types = tuple(self.layer_types) or tuple(layer_types(self.layers))
+        if len(types) != self.layers or not set(types) <= {FULL, SLIDING}:
+            raise InputError(f"{self.name}: layer_types must list {FULL!r} or {SLIDING!r} for each of the "
+                             f"{self.layers} layers, got {len(types)} entries")
+        object.__setattr__(self, "layer_types", types)
+
     @property
     def global_layers(self) -> int:
-        return self.layers // GLOBAL_LAYER_EVERY
+        return sum(t == FULL for t in self.layer_types)
 
     @property
     def local_layers(self) -> int:
         return self.layers - self.global_layers
 
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
 
-GEMMA3_SHAPES: dict[str, Gemma3Shape] = {
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def tensors(self) -> list[TensorSpec]:
+        """Every stored tensor (the tied head is the embedding: not listed twice): text model, then vision."""
+        out = text_tensors(self)
+        if self.vision:
+            out += vision_tensors(self.vision, self.hidden)
+        return out
+
+
+Gemma3Shape = Architecture  # the released sizes' record keeps its old name
+
+
+def _released(name, layers, hidden, ffn, heads, kv_heads, head_dim, window, context, scalar, rope_factor,
+              vision) -> Architecture:
+    return Architecture(
+        name, layers, hidden, ffn, heads, kv_heads, head_dim, window, context,
+        vocab=262_208 if vision else 262_144,  # HF multimodal configs pad the embedding to 262,208 rows
+        vision=SIGLIP if vision else None, nominal_params=float(name[:-1]) * 1e9, query_pre_attn_scalar=scalar,
+        rope_scaling_factor=rope_factor,
+    )
+
+
+# The released sizes (the HF conversion script and gemma.cpp's configs agree).
+GEMMA3_SHAPES: dict[str, Architecture] = {
     s.name: s
     for s in (
-        Gemma3Shape("1b", 26, 1152, 6912, 4, 1, 256, 512, 32_768, 256, None, False, 1e9),
-        Gemma3Shape("4b", 34, 2560, 10240, 8, 4, 256, 1024, 131_072, 256, 8.0, True, 4e9),
-        Gemma3Shape("12b", 48, 3840, 15360, 16, 8, 256, 1024, 131_072, 256, 8.0, True, 12e9),
-        Gemma3Shape("27b", 62, 5376, 21504, 32, 16, 128, 1024, 131_072, 168, 8.0, True, 27e9),
+        _released("1b", 26, 1152, 6912, 4, 1, 256, 512, 32_768, 256, None, False),
+        _released("4b", 34, 2560, 10240, 8, 4, 256, 1024, 131_072, 256, 8.0, True),
+        _released("12b", 48, 3840, 15360, 16, 8, 256, 1024, 131_072, 256, 8.0, True),
+        _released("27b", 62, 5376, 21504, 32, 16, 128, 1024, 131_072, 168, 8.0, True),
     )
 }
 
-# SigLIP vision tower of the 4B/12B/27B models.
-SIGLIP = dict(image_size=896, patch_size=14, layers=27, hidden=1152, ffn=4304, heads=16, tokens_per_image=256)
+
+# ------------------------------------------------------------------------------------------------- tensors
 
 
-def layer_types(num_layers: int) -> list[str]:
-    """Gemma 3's pattern: every 6th layer (1-based) is global ("full_attention"), the rest sliding-window."""
-    return [
-        "full_attention" if (i + 1) % GLOBAL_LAYER_EVERY == 0 else "sliding_attention" for i in range(num_layers)
-    ]
+@dataclass(frozen=True)
+class TensorSpec:
+    """One stored tensor: its HF name (transformers 5 layout), torch shape ``[out, in]`` and group."""
+
+    name: str
+    shape: tuple[int, ...]
+    group: str  # embedding, attention, mlp, norms, vision, projector
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_matmul(self) -> bool:
+        """A language-model matmul weight: what QAT quantizes (``quantizable_linears`` finds the same modules)."""
+        return self.group in QUANTIZED_GROUPS
+
+
+def text_tensors(arch: Architecture) -> list[TensorSpec]:
+    """The language model's tensors: embedding, per layer q/k/v/o, q/k norms, gate/up/down and 4 norms, final norm."""
+    prefix = "model.language_model." if arch.vision else "model."
+    h, q, kv, f, d = arch.hidden, arch.q_dim, arch.kv_dim, arch.ffn, arch.head_dim
+    out = [TensorSpec(f"{prefix}embed_tokens.weight", (arch.vocab, h), "embedding")]
+    attn = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
+    mlp = {"gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}
+    for i in range(arch.layers):
+        base = f"{prefix}layers.{i}."
+        out += [TensorSpec(f"{base}self_attn.{n}.weight", attn[n], "attention") for n in ATTENTION_PROJECTIONS]
+        out += [TensorSpec(f"{base}self_attn.{n}.weight", (d,), "norms") for n in ("q_norm", "k_norm")]
+        out += [TensorSpec(f"{base}mlp.{n}.weight", mlp[n], "mlp") for n in MLP_PROJECTIONS]
+        out += [TensorSpec(f"{base}{n}.weight", (h,), "norms") for n in (
+            "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")]
+    out.append(TensorSpec(f"{prefix}norm.weight", (h,), "norms"))
+    return out
+
+
+def vision_tensors(v: VisionTower, text_hidden: int) -> list[TensorSpec]:
+    """The SigLIP tower's tensors and the multimodal projector's (into a text model of width ``text_hidden``)."""
+    base = "model.vision_tower."
+    out = [TensorSpec(f"{base}embeddings.patch_embedding.weight", (v.hidden, v.channels, v.patch_size, v.patch_size),
+                      "vision"),
+           TensorSpec(f"{base}embeddings.patch_embedding.bias", (v.hidden,), "vision"),
+           TensorSpec(f"{base}embeddings.position_embedding.weight", (v.patches, v.hidden), "vision")]
+    linears = {"self_attn.q_proj": (v.hidden, v.hidden), "self_attn.k_proj": (v.hidden, v.hidden),
+               "self_attn.v_proj": (v.hidden, v.hidden), "self_attn.out_proj": (v.hidden, v.hidden),
+               "mlp.fc1": (v.ffn, v.hidden), "mlp.fc2": (v.hidden, v.ffn)}
+    for i in range(v.layers):
+        layer = f"{base}encoder.layers.{i}."
+        for name, shape in linears.items():
+            out += [TensorSpec(f"{layer}{name}.weight", shape, "vision"),
+                    TensorSpec(f"{layer}{name}.bias", (shape[0],), "vision")]
+        for norm in ("layer_norm1", "layer_norm2"):
+            out += [TensorSpec(f"{layer}{norm}.{p}", (v.hidden,), "vision") for p in ("weight", "bias")]
+    out += [TensorSpec(f"{base}post_layernorm.{p}", (v.hidden,), "vision") for p in ("weight", "bias")]
+    projector = "model.multi_modal_projector."
+    out += [TensorSpec(f"{projector}mm_input_projection_weight", (v.hidden, text_hidden), "projector"),
+            TensorSpec(f"{projector}mm_soft_emb_norm.weight", (v.hidden,), "projector")]
+    return out
+
+
+def model_tensors(arch: Architecture) -> list[TensorSpec]:
+    """Every stored tensor of ``arch`` (``Architecture.tensors``)."""
+    return arch.tensors()
+
+
+# ------------------------------------------------------------------------------------------------- HF configs
+
+
+def hf_config(arch: Architecture, *, image_token_index: int | None = None, boi_token_index: int | None = None,
+              eoi_token_index: int | None = None):
+    """The transformers config of ``arch``, as a released hub ``config.json`` describes it.
+
+    Text-only gives a ``Gemma3TextConfig``, one with a vision tower a ``Gemma3Config`` (the image token ids
+    default to transformers' defaults, the released ones). The one builder: the memory model checks its counts
+    against models instantiated from it (on the ``meta`` device), and the tiny test models are built with it.
+    """
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    full = {"rope_type": "default", "rope_theta": arch.rope_global}
+    if arch.rope_scaling_factor:
+        full = {"rope_type": "linear", "factor": arch.rope_scaling_factor, "rope_theta": arch.rope_global}
+    text = Gemma3TextConfig(
+        vocab_size=arch.vocab, hidden_size=arch.hidden, intermediate_size=arch.ffn, num_hidden_layers=arch.layers,
+        num_attention_heads=arch.heads, num_key_value_heads=arch.kv_heads, head_dim=arch.head_dim,
+        sliding_window=arch.sliding_window, max_position_embeddings=arch.context,
+        query_pre_attn_scalar=arch.query_pre_attn_scalar or arch.head_dim, layer_types=list(arch.layer_types),
+        rope_parameters={FULL: full, SLIDING: {"rope_type": "default", "rope_theta": arch.rope_local}},
+        rms_norm_eps=arch.rms_norm_eps, tie_word_embeddings=True,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,  # Gemma's SentencePiece ids (and transformers' defaults)
+    )
+    if not arch.vision:
+        return text
+    v = arch.vision
+    vision = SiglipVisionConfig(
+        hidden_size=v.hidden, intermediate_size=v.ffn, num_hidden_layers=v.layers, num_attention_heads=v.heads,
+        image_size=v.image_size, patch_size=v.patch_size, vision_use_head=False,
+    )
+    ids = {k: i for k, i in (("image_token_index", image_token_index), ("boi_token_index", boi_token_index),
+                             ("eoi_token_index", eoi_token_index)) if i is not None}
+    return Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                        mm_tokens_per_image=v.tokens_per_image, tie_word_embeddings=True, **ids)
+
+
+def is_multimodal_gemma3(config, source: str, what: str = "checkpoint") -> bool:
+    """THE "is this Gemma 3" check, for a transformers config, a ``config.json`` dict or a ``model_type``.
+
+    True for a multimodal checkpoint (``gemma3``), False for a text-only one (``gemma3_text``); anything else
+    raises ``NotGemma3Error`` naming ``source`` as a Gemma 3 ``what`` it is not.
+    """
+    if isinstance(config, dict):
+        model_type = config.get("model_type")
+    elif isinstance(config, str) or config is None:
+        model_type = config
+    else:
+        model_type = getattr(config, "model_type", None)
+    if model_type not in GEMMA3_MODEL_TYPES:
+        raise NotGemma3Error(f"{source} is not a Gemma 3 {what} (model_type {model_type!r}); expected "
+                             f"{' or '.join(GEMMA3_MODEL_TYPES)}")
+    return GEMMA3_MODEL_TYPES[model_type]
+
+
+def architecture_from_hf_config(config, name: str, source: str) -> Architecture:
+    """From a transformers ``Gemma3Config`` / ``Gemma3TextConfig`` (with the defaults released configs rely on)."""
+    multimodal = is_multimodal_gemma3(config, source, "config")
+    text = config.text_config if multimodal else config
+    vision = None
+    if multimodal:
+        v = config.vision_config
+        vision = VisionTower(v.image_size, v.patch_size, v.num_hidden_layers, v.hidden_size, v.intermediate_size,
+                             v.num_attention_heads, getattr(config, "mm_tokens_per_image", 256),
+                             getattr(v, "num_channels", 3))
+    types = tuple(getattr(text, "layer_types", None) or layer_types(text.num_hidden_layers))
+    rope = getattr(text, "rope_parameters", None) or {}  # transformers 5: one entry per layer type
+    full, local = rope.get(FULL) or {}, rope.get(SLIDING) or {}
+    return Architecture(name, text.num_hidden_layers, text.hidden_size, text.intermediate_size,
+                        text.num_attention_heads, text.num_key_value_heads, text.head_dim, text.sliding_window,
+                        text.max_position_embeddings, text.vocab_size, types, vision, None, source,
+                        query_pre_attn_scalar=getattr(text, "query_pre_attn_scalar", None),
+                        rope_scaling_factor=full.get("factor") if full.get("rope_type") == "linear" else None,
+                        rope_global=full.get("rope_theta", 1_000_000.0), rope_local=local.get("rope_theta", 10_000.0),
+                        rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6))
 
 
 class NotGemma3Error(InputError):
@@ -98,10 +324,7 @@ def find_parts(model: nn.Module) -> Gemma3Parts:
         raise NotGemma3Error(
             f"{type(model).__name__} is not a Gemma 3 model: no text model with `layers` and `embed_tokens` found"
         )
-    config = getattr(text, "config", None)
-    if config is None or getattr(config, "model_type", "") not in ("gemma3_text", "gemma3"):
-        found = getattr(config, "model_type", None)
-        raise NotGemma3Error(f"expected a Gemma 3 model (model_type gemma3_text), got model_type {found!r}")
+    is_multimodal_gemma3(getattr(text, "config", None), type(model).__name__, "model")
     frozen = [
         (name, named[name])
         for name in ("model.vision_tower", "model.multi_modal_projector", "vision_tower", "multi_modal_projector")
@@ -151,16 +374,20 @@ def hub_error(source: str, exc: Exception) -> MissingFileError:
 
 def load_gemma3(name_or_path: str | None, *, dtype=None, device=None, **kwargs):
     """Load a Gemma 3 checkpoint (text-only or multimodal) with transformers, with clear errors."""
+    from pathlib import Path
+
     from transformers import AutoConfig, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+
+    from gemma3_qat.integrity import verify_weights
 
     source = resolve_model(name_or_path)
     try:
         config = AutoConfig.from_pretrained(source)
     except OSError as e:
         raise hub_error(source, e) from None
-    if config.model_type not in ("gemma3", "gemma3_text"):
-        raise NotGemma3Error(f"{source} is not a Gemma 3 checkpoint (model_type {config.model_type!r})")
-    cls = Gemma3ForConditionalGeneration if config.model_type == "gemma3" else Gemma3ForCausalLM
+    cls = Gemma3ForConditionalGeneration if is_multimodal_gemma3(config, source) else Gemma3ForCausalLM
+    if Path(source).is_dir():  # torn or corrupt local weights: one line naming the file, before transformers reads
+        verify_weights(source)
     model = cls.from_pretrained(source, dtype=dtype, **kwargs)
     if device is not None:
         model.to(device)

@@ -44,3 +44,27 @@ def sample_data(tmp_path_factory):
                            {"role": "assistant", "content": t[:300]}]} for i, t in enumerate(texts[120:200])]
     (root / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     return root
+
+
+@pytest.fixture(scope="session")
+def qat_run(tmp_path_factory, sample_data):
+    """Factory ``qat_run(model_dir, fmt, quantize_embeddings=False, *, steps=2) -> Path``: the run directory the
+    real trainer (``gemma3_qat.qat.train.train``) writes for ``model_dir`` on the sample text, once per argument
+    set in the session. The export tests export these, never a checkpoint a test wrote its own way. Shared: copy
+    the directory before changing anything in it."""
+    runs = {}
+
+    def make(model_dir, fmt, quantize_embeddings=False, *, steps=2):
+        key = (str(model_dir), fmt, bool(quantize_embeddings), steps)
+        if key not in runs:
+            from gemma3_qat.qat.train import TrainConfig, train
+
+            out = tmp_path_factory.mktemp("qat-run") / "run"
+            config = TrainConfig(model=str(model_dir), format=fmt, quantize_embeddings=quantize_embeddings,
+                                 data=[str(sample_data / "text.jsonl")], seq_len=64, batch_size=2, micro_batch_size=2,
+                                 steps=steps, lr=1e-3, warmup_steps=1, eval_every=100, eval_rows=2, save_every=100,
+                                 output=str(out))
+            runs[key] = train(config, log=lambda *_: None)
+        return runs[key]
+
+    return make

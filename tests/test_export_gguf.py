@@ -11,23 +11,22 @@ from gguf import GGUFReader, TokenType
 from gguf import quants as gq
 from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
 
-from gemma3_qat.checkpoint import QATMetadata, save_qat_checkpoint
+from gemma3_qat.checkpoint import QATMetadata
 from gemma3_qat.exporters.gguf import ExportError, export_gguf, inspect_gguf, text_gguf_name
 from gemma3_qat.formats import get_format
 from gemma3_qat.models import NotGemma3Error, quantizable_linears
 from gemma3_qat.qat.prepare import prepare
 
 
-def make_qat_checkpoint(src, out, fmt, quantize_embeddings, multimodal=False, seed=0):
+def make_qat_checkpoint(qat_run, src, out, fmt, quantize_embeddings, multimodal=False):
+    """A copy at ``out`` of the run directory the trainer wrote for ``src`` (the ``qat_run`` fixture), and its
+    fake-quant student as export reads it: the latent weights loaded and prepared by the run's qat.json."""
+    shutil.copytree(qat_run(src, fmt, quantize_embeddings), out)
     cls = Gemma3ForConditionalGeneration if multimodal else AutoModelForCausalLM
-    model = cls.from_pretrained(src, dtype=torch.float32)
-    with torch.no_grad():  # move the weights off their init so that every block has a different scale
-        g = torch.Generator().manual_seed(seed)
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.01)
-    report = prepare(model, fmt, quantize_embeddings=quantize_embeddings)
-    meta = QATMetadata(fmt, quantize_embeddings, report.quantized, teacher=str(src), steps=0)
-    save_qat_checkpoint(model, out, meta, tokenizer_src=src)
+    model = cls.from_pretrained(out, dtype=torch.float32)
+    meta = QATMetadata.read(out / "qat.json")
+    assert (meta.format, meta.quantize_embeddings) == (fmt, quantize_embeddings)
+    prepare(model, fmt, quantize_embeddings=quantize_embeddings)
     return model
 
 
@@ -52,8 +51,8 @@ def field(reader, key):
 
 @pytest.mark.parametrize("fmt", ["int4-block", "int4-channel"])
 @pytest.mark.parametrize("quantize_embeddings", [False, True], ids=["body", "body+embedding"])
-def test_read_back_equals_fake_quant_weights_bit_for_bit(tiny_text_dir, tmp_path, fmt, quantize_embeddings):
-    model = make_qat_checkpoint(tiny_text_dir, tmp_path / "ckpt", fmt, quantize_embeddings)
+def test_read_back_equals_fake_quant_weights_bit_for_bit(qat_run, tiny_text_dir, tmp_path, fmt, quantize_embeddings):
+    model = make_qat_checkpoint(qat_run, tiny_text_dir, tmp_path / "ckpt", fmt, quantize_embeddings)
     export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", log=None)
     reader, ts = tensors(tmp_path / "m.gguf")
     f = get_format(fmt)
@@ -79,8 +78,8 @@ def test_read_back_equals_fake_quant_weights_bit_for_bit(tiny_text_dir, tmp_path
     assert field(reader, "gemma3_qat.format") == fmt
 
 
-def test_sfp8_exports_exact_values(tiny_text_dir, tmp_path):
-    model = make_qat_checkpoint(tiny_text_dir, tmp_path / "ckpt", "sfp8", True)
+def test_sfp8_exports_exact_values(qat_run, tiny_text_dir, tmp_path):
+    model = make_qat_checkpoint(qat_run, tiny_text_dir, tmp_path / "ckpt", "sfp8", True)
     export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", log=None)
     _, ts = tensors(tmp_path / "m.gguf")
     sfp8 = get_format("sfp8")
@@ -165,8 +164,9 @@ def test_rope_scaling_is_written_only_when_configured(tokenizer_dir, tmp_path):
     assert field(reader, "gemma3.rope.scaling.factor") == 8.0
 
 
-def test_multimodal_exports_text_and_mmproj(tiny_multimodal_dir, tmp_path):
-    model = make_qat_checkpoint(tiny_multimodal_dir, tmp_path / "ckpt", "int4-block", False, multimodal=True)
+def test_multimodal_exports_text_and_mmproj(qat_run, tiny_multimodal_dir, tmp_path):
+    model = make_qat_checkpoint(qat_run, tiny_multimodal_dir, tmp_path / "ckpt", "int4-block", False,
+                                multimodal=True)
     export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", log=None)
     _, text = tensors(tmp_path / "m.gguf")
     assert not any(n.startswith(("v.", "mm.")) for n in text)
@@ -203,8 +203,8 @@ def test_multimodal_exports_text_and_mmproj(tiny_multimodal_dir, tmp_path):
     np.testing.assert_array_equal(values(mm["v.post_ln.weight"]), siglip_ln)  # no +1 on SigLIP LayerNorms
 
 
-def test_inspect_reports_tensors_and_totals(tiny_text_dir, tmp_path):
-    make_qat_checkpoint(tiny_text_dir, tmp_path / "ckpt", "int4-block", True)
+def test_inspect_reports_tensors_and_totals(qat_run, tiny_text_dir, tmp_path):
+    make_qat_checkpoint(qat_run, tiny_text_dir, tmp_path / "ckpt", "int4-block", True)
     export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", log=None)
     info = inspect_gguf(tmp_path / "m.gguf")
     assert info["tensor_bytes"] == sum(t["bytes"] for t in info["tensors"]) < info["file_bytes"]
@@ -228,7 +228,7 @@ def test_refuses_to_overwrite_and_writes_nothing_on_error(tiny_text_dir, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.md"]  # no temporary files left
 
 
-def test_bad_checkpoints_give_clear_errors(tiny_text_dir, tmp_path, tokenizer_dir):
+def test_bad_checkpoints_give_clear_errors(qat_run, tiny_text_dir, tmp_path, tokenizer_dir):
     not_gemma = tmp_path / "llama"
     not_gemma.mkdir()
     (not_gemma / "config.json").write_text(json.dumps({"model_type": "llama"}))
@@ -250,7 +250,7 @@ def test_bad_checkpoints_give_clear_errors(tiny_text_dir, tmp_path, tokenizer_di
     from gemma3_qat.embedded.tiny import build_tiny_checkpoint
 
     odd = build_tiny_checkpoint(tmp_path / "odd", tokenizer_dir, ffn=80)
-    make_qat_checkpoint(odd, tmp_path / "odd-qat", "int4-channel", False)
+    shutil.copytree(qat_run(odd, "int4-channel", False, steps=0), tmp_path / "odd-qat")
     with pytest.raises(ExportError, match="down_proj.*multiple of 32"):
         export_gguf(tmp_path / "odd-qat", tmp_path / "x.gguf", log=None)
     with pytest.raises(ExportError, match="unknown --type"):

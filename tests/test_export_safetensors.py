@@ -21,8 +21,8 @@ def ids():
 
 
 @pytest.mark.parametrize("fmt", ["int4-block", "int4-channel", "sfp8"])
-def test_unquantized_reloads_to_the_fake_quant_students_logits(tiny_text_dir, tmp_path, fmt):
-    student = make_qat_checkpoint(tiny_text_dir, tmp_path / "ckpt", fmt, quantize_embeddings=True)
+def test_unquantized_reloads_to_the_fake_quant_students_logits(qat_run, tiny_text_dir, tmp_path, fmt):
+    student = make_qat_checkpoint(qat_run, tiny_text_dir, tmp_path / "ckpt", fmt, quantize_embeddings=True)
     export_safetensors(tmp_path / "ckpt", tmp_path / "out", layout="unquantized", log=None)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16"
@@ -37,8 +37,9 @@ def test_unquantized_reloads_to_the_fake_quant_students_logits(tiny_text_dir, tm
             assert np.array_equal(gq.quantize(w[name + ".weight"].numpy(), GT.Q4_0), trained), name
 
 
-def test_unquantized_f16_still_requantizes_to_the_trained_bytes(tiny_text_dir, tmp_path):
-    student = make_qat_checkpoint(tiny_text_dir, tmp_path / "ckpt", "int4-block", quantize_embeddings=False)
+def test_unquantized_f16_still_requantizes_to_the_trained_bytes(qat_run, tiny_text_dir, tmp_path):
+    student = make_qat_checkpoint(qat_run, tiny_text_dir, tmp_path / "ckpt", "int4-block",
+                                  quantize_embeddings=False)
     export_safetensors(tmp_path / "ckpt", tmp_path / "out", layout="unquantized", dtype="f16", log=None)
     w = load_file(str(tmp_path / "out" / "model.safetensors"))
     for name, linear in quantizable_linears(student).items():
@@ -46,16 +47,16 @@ def test_unquantized_f16_still_requantizes_to_the_trained_bytes(tiny_text_dir, t
         requant = gq.quantize(w[name + ".weight"].float().numpy(), GT.Q4_0)
         assert np.array_equal(requant, q4_0_blocks(get_format("int4-block").quantize(linear.weight))), name
     with pytest.raises(SafetensorsExportError, match="f16 cannot hold SFP8"):
-        make_qat_checkpoint(tiny_text_dir, tmp_path / "sfp8", "sfp8", quantize_embeddings=False)
+        make_qat_checkpoint(qat_run, tiny_text_dir, tmp_path / "sfp8", "sfp8", quantize_embeddings=False)
         export_safetensors(tmp_path / "sfp8", tmp_path / "x", layout="unquantized", dtype="f16", log=None)
 
 
 @pytest.mark.parametrize("fmt", ["int4-block", "int4-channel"])
-def test_compressed_tensors_decompresses_to_the_fake_quant_weights(tiny_text_dir, tmp_path, fmt):
+def test_compressed_tensors_decompresses_to_the_fake_quant_weights(qat_run, tiny_text_dir, tmp_path, fmt):
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
-    student = make_qat_checkpoint(tiny_text_dir, tmp_path / "ckpt", fmt, quantize_embeddings=False)
+    student = make_qat_checkpoint(qat_run, tiny_text_dir, tmp_path / "ckpt", fmt, quantize_embeddings=False)
     export_safetensors(tmp_path / "ckpt", tmp_path / "out", layout="compressed-tensors", log=None)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     qc = QuantizationConfig.model_validate(config["quantization_config"])
@@ -78,8 +79,8 @@ def test_pack_int4_matches_compressed_tensors():
     assert torch.equal(pack_int4(codes), pack_to_int32((codes.to(torch.int16) - 8).to(torch.int8), 4))
 
 
-def test_sfp8_layout_restores_exact_values_in_one_byte_per_weight(tiny_text_dir, tmp_path):
-    student = make_qat_checkpoint(tiny_text_dir, tmp_path / "ckpt", "sfp8", quantize_embeddings=False)
+def test_sfp8_layout_restores_exact_values_in_one_byte_per_weight(qat_run, tiny_text_dir, tmp_path):
+    student = make_qat_checkpoint(qat_run, tiny_text_dir, tmp_path / "ckpt", "sfp8", quantize_embeddings=False)
     export_safetensors(tmp_path / "ckpt", tmp_path / "out", layout="sfp8", log=None)
     state = load_sfp8(tmp_path / "out")
     quantized = 0
@@ -96,8 +97,9 @@ def test_sfp8_layout_restores_exact_values_in_one_byte_per_weight(tiny_text_dir,
         assert f.metadata()["format"] == "gemma3-qat-sfp8"
 
 
-def test_multimodal_round_trip_keeps_the_vision_tower_bit_identical(tiny_multimodal_dir, tmp_path):
-    student = make_qat_checkpoint(tiny_multimodal_dir, tmp_path / "ckpt", "int4-block", False, multimodal=True)
+def test_multimodal_round_trip_keeps_the_vision_tower_bit_identical(qat_run, tiny_multimodal_dir, tmp_path):
+    student = make_qat_checkpoint(qat_run, tiny_multimodal_dir, tmp_path / "ckpt", "int4-block", False,
+                                  multimodal=True)
     export_safetensors(tmp_path / "ckpt", tmp_path / "out", layout="unquantized", log=None)
     keys = load_file(str(tmp_path / "out" / "model.safetensors")).keys()
     assert any(k.startswith("language_model.model.layers.") for k in keys)
@@ -109,10 +111,10 @@ def test_multimodal_round_trip_keeps_the_vision_tower_bit_identical(tiny_multimo
     assert before and all(torch.equal(v, after[k]) for k, v in before.items())
 
 
-def test_bad_input(tiny_text_dir, tmp_path):
+def test_bad_input(qat_run, tiny_text_dir, tmp_path):
     with pytest.raises(SafetensorsExportError, match="no qat.json"):
         export_safetensors(tiny_text_dir, tmp_path / "x", log=None)
-    make_qat_checkpoint(tiny_text_dir, tmp_path / "ckpt", "sfp8", False)
+    make_qat_checkpoint(qat_run, tiny_text_dir, tmp_path / "ckpt", "sfp8", False)
     with pytest.raises(SafetensorsExportError, match="compressed-tensors holds int4"):
         export_safetensors(tmp_path / "ckpt", tmp_path / "x", layout="compressed-tensors", log=None)
     with pytest.raises(SafetensorsExportError, match="unknown --layout"):
@@ -124,8 +126,9 @@ def test_bad_input(tiny_text_dir, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directories left
 
 
-def test_large_exports_are_sharded_with_an_index(tiny_text_dir, tmp_path):
-    student = make_qat_checkpoint(tiny_text_dir, tmp_path / "ckpt", "int4-block", quantize_embeddings=True)
+def test_large_exports_are_sharded_with_an_index(qat_run, tiny_text_dir, tmp_path):
+    student = make_qat_checkpoint(qat_run, tiny_text_dir, tmp_path / "ckpt", "int4-block",
+                                  quantize_embeddings=True)
     export_safetensors(tmp_path / "ckpt", tmp_path / "out", layout="unquantized", max_shard_bytes=200_000, log=None)
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))

@@ -259,3 +259,51 @@ def test_cuda_matches_cpu_bit_for_bit(name):
 def test_unknown_format_names_the_valid_ones():
     with pytest.raises(FormatError, match="int4-block, int4-channel, sfp8"):
         get_format("q4_0")
+
+
+# ---------------------------------------------------------------------------------------------- container facts
+
+
+def test_container_facts_come_from_the_format_and_ggml_sizes():
+    from gguf import GGML_QUANT_SIZES
+
+    from gemma3_qat import formats
+
+    assert (formats.Q4_0_BLOCK, formats.Q4_0_BLOCK_BYTES) == GGML_QUANT_SIZES[GT.Q4_0] == (32, 18)
+    assert [FORMATS[n].bits_per_weight for n in ("int4-block", "int4-channel", "sfp8")] == [4.5, 4.0, 8.0]
+    shape = (48, 256)
+    # compact: int4-block = Q4_0's 18 bytes per 32; int4-channel 4 bits + fp16 per row; sfp8 1 byte + fp32 scale
+    assert BLOCK.compact_bytes(shape) == 48 * 256 // 32 * 18
+    assert CHANNEL.compact_bytes(shape) == 48 * 256 // 2 + 2 * 48
+    assert SFP.compact_bytes(shape) == 48 * 256 + 4
+    assert [f.compact_label for f in (BLOCK, CHANNEL, SFP)] == ["int4+fp16/32", "int4+fp16/row", "sfp8+fp32/tensor"]
+    w = torch.randn(shape)
+    for f in (BLOCK, CHANNEL, SFP):  # the scales quantize returns are the ones the container counts
+        assert tuple(f.quantize(w).scales.shape) == f.scale_shape(shape), f.name
+    assert BLOCK.compressed_tensors_scheme()["strategy"] == "group"
+    assert BLOCK.compressed_tensors_scheme()["group_size"] == 32
+    assert CHANNEL.compressed_tensors_scheme()["strategy"] == "channel" and SFP.compressed_tensors_scheme() is None
+    assert [f.gguf_type for f in (BLOCK, CHANNEL, SFP)] == ["Q4_0", "Q4_0", "BF16/F32 (exact values) or Q8_0 (lossy)"]
+    with pytest.raises(FormatError, match="no lossy GGUF type"):
+        BLOCK.gguf_ggml_type(lossy=True)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_gguf_encoding_holds_the_fake_quant_values_bit_for_bit(name):
+    fmt = get_format(name)
+    w = torch.randn(16, 128) * 0.05
+    scale = fmt.tensor_scale(w.abs().amax()) if fmt.granularity == "tensor" else None
+    enc = fmt.gguf_encoding(tensor_scale=scale)
+    assert enc.ggml_type == fmt.gguf_exact[0]
+    data = enc.encode(w)
+    got = data if enc.ggml_type == GT.F32 else gq.dequantize(np.ascontiguousarray(data).view(np.uint8),
+                                                             enc.ggml_type)
+    want = fmt.fake_quantize_values(w)
+    assert np.array_equal(bits(got.reshape(w.shape)), bits(want))
+    if fmt.gguf_lossy is not None:  # lossy: the reference rule of that type over the exact values
+        lossy = fmt.gguf_encoding(lossy=True, tensor_scale=scale)
+        assert np.array_equal(lossy.encode(w), gq.quantize(want.numpy(), fmt.gguf_lossy))
+    # a scale that bf16 cannot carry keeps the exact values in the next exact type
+    if len(fmt.gguf_exact) > 1:
+        big = fmt.gguf_encoding(tensor_scale=torch.tensor(1.3))
+        assert big.ggml_type == fmt.gguf_exact[1]

@@ -3,6 +3,7 @@
 Uses the embedded default model: a trained teacher, so that logits are far from flat and agreement means something.
 """
 
+import shutil
 
 import numpy as np
 import pytest
@@ -13,11 +14,8 @@ pytest.importorskip("llama_cpp")
 pytestmark = [pytest.mark.llama, pytest.mark.slow]
 
 from gemma3_qat.assets import default_model_path  # noqa: E402
-from gemma3_qat.checkpoint import QATMetadata, save_qat_checkpoint  # noqa: E402
 from gemma3_qat.evaluate import EvalError, LlamaCppModel, evaluate, evaluation_windows, pytorch_logits  # noqa: E402
 from gemma3_qat.exporters.gguf import export_gguf  # noqa: E402
-from gemma3_qat.models import load_gemma3  # noqa: E402
-from gemma3_qat.qat.prepare import prepare  # noqa: E402
 from gemma3_qat.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -54,11 +52,9 @@ def test_plain_f32_export_matches_transformers(teacher_dir, tmp_path, windows):
 
 
 @pytest.mark.parametrize("fmt", ["int4-block", "int4-channel", "sfp8"])
-def test_quantized_export_matches_the_fake_quant_student(teacher_dir, tmp_path, windows, fmt):
+def test_quantized_export_matches_the_fake_quant_student(qat_run, teacher_dir, tmp_path, windows, fmt):
     ids, _ = windows
-    model = load_gemma3(str(teacher_dir), dtype=torch.float32)
-    report = prepare(model, fmt, quantize_embeddings=fmt != "sfp8")
-    save_qat_checkpoint(model, tmp_path / "ckpt", QATMetadata(fmt, fmt != "sfp8", report.quantized), teacher_dir)
+    shutil.copytree(qat_run(teacher_dir, fmt, fmt != "sfp8", steps=0), tmp_path / "ckpt")  # the trainer's PTQ
     export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", log=None)
     student = list(pytorch_logits(tmp_path / "ckpt", ids))
     kl, top1, max_diff = compare(student, llama_logits(tmp_path / "m.gguf", ids))
@@ -95,11 +91,9 @@ def test_tokenizer_parity_with_llama_cpp(teacher_dir, tmp_path):
     assert not mismatches, f"{len(mismatches)} of {len(strings)} differ, e.g. {mismatches[:3]!r}"
 
 
-def test_eval_agrees_across_backends_and_refuses_a_foreign_tokenizer(teacher_dir, tmp_path, tiny_text_dir):
-    model = load_gemma3(str(teacher_dir), dtype=torch.float32)
-    report = prepare(model, "int4-block")
-    save_qat_checkpoint(model, tmp_path / "ckpt", QATMetadata("int4-block", False, report.quantized,
-                                                              teacher=str(teacher_dir)), teacher_dir)
+def test_eval_agrees_across_backends_and_refuses_a_foreign_tokenizer(qat_run, teacher_dir, tmp_path,
+                                                                    tiny_text_dir):
+    shutil.copytree(qat_run(teacher_dir, "int4-block", False, steps=0), tmp_path / "ckpt")  # teacher in its qat.json
     export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", log=None)
     result = evaluate([tmp_path / "ckpt", tmp_path / "m.gguf"], max_windows=8, log=lambda *_: None)
     torch_row, gguf_row = result.results

@@ -17,25 +17,19 @@ from gguf import GGMLQuantizationType as GT
 from typer.testing import CliRunner
 
 from gemma3_qat import memory as mem
-from gemma3_qat.checkpoint import QATMetadata, save_qat_checkpoint
 from gemma3_qat.cli import app
 from gemma3_qat.exporters.gguf import export_gguf
 from gemma3_qat.models import GEMMA3_SHAPES
-from gemma3_qat.qat.prepare import prepare
 
 runner = CliRunner()
 BASELINE = Path(__file__).resolve().parents[1] / "benchmarks" / "memory-baseline.json"
 
 
-def make_qat_checkpoint(src, out, fmt, quantize_embeddings, multimodal=False):
-    """A QAT checkpoint of a tiny model, as training writes it (prepare + save_qat_checkpoint)."""
-    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
+def make_qat_checkpoint(qat_run, src, out, fmt, quantize_embeddings, multimodal=False):
+    """A copy at ``out`` of the QAT checkpoint the trainer wrote for ``src`` (the ``qat_run`` fixture)."""
+    import shutil
 
-    cls = Gemma3ForConditionalGeneration if multimodal else AutoModelForCausalLM
-    model = cls.from_pretrained(src, dtype=torch.float32)
-    report = prepare(model, fmt, quantize_embeddings=quantize_embeddings)
-    save_qat_checkpoint(model, out, QATMetadata(fmt, quantize_embeddings, report.quantized, str(src)),
-                        tokenizer_src=src)
+    shutil.copytree(qat_run(src, fmt, quantize_embeddings), out)
 
 
 def nbytes(ggml_type, n):
@@ -223,8 +217,8 @@ def test_table3_json_and_csv():
 
 @pytest.mark.parametrize("fmt", ["int4-block", "int4-channel", "sfp8"])
 @pytest.mark.parametrize("quantize_embeddings", [False, True], ids=["body", "body+embedding"])
-def test_measure_qat_exports_exactly(tiny_text_dir, tmp_path, fmt, quantize_embeddings):
-    make_qat_checkpoint(tiny_text_dir, tmp_path / "ckpt", fmt, quantize_embeddings)
+def test_measure_qat_exports_exactly(qat_run, tiny_text_dir, tmp_path, fmt, quantize_embeddings):
+    make_qat_checkpoint(qat_run, tiny_text_dir, tmp_path / "ckpt", fmt, quantize_embeddings)
     export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", log=None)
     m = mem.measure_gguf(tmp_path / "m.gguf")
     assert m.format == fmt and m.mismatches == []
@@ -244,8 +238,8 @@ def test_measure_plain_exports_exactly(tiny_text_dir, tmp_path, plain_type):
     assert m.format == plain_type and m.exact
 
 
-def test_measure_multimodal_text_and_mmproj(tiny_multimodal_dir, tmp_path):
-    make_qat_checkpoint(tiny_multimodal_dir, tmp_path / "ckpt", "int4-block", False, multimodal=True)
+def test_measure_multimodal_text_and_mmproj(qat_run, tiny_multimodal_dir, tmp_path):
+    make_qat_checkpoint(qat_run, tiny_multimodal_dir, tmp_path / "ckpt", "int4-block", False, multimodal=True)
     export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", log=None)
     cells = json.loads(BASELINE.read_text())["cells"]
     text, mmproj = mem.measure_gguf(tmp_path / "m.gguf"), mem.measure_gguf(tmp_path / "mmproj-m.gguf")
@@ -256,8 +250,8 @@ def test_measure_multimodal_text_and_mmproj(tiny_multimodal_dir, tmp_path):
     assert "EXACT" in out and "alignment padding" in out
 
 
-def test_measure_explains_a_different_embedding_type(tiny_text_dir, tmp_path):
-    make_qat_checkpoint(tiny_text_dir, tmp_path / "ckpt", "int4-block", False)
+def test_measure_explains_a_different_embedding_type(qat_run, tiny_text_dir, tmp_path):
+    make_qat_checkpoint(qat_run, tiny_text_dir, tmp_path / "ckpt", "int4-block", False)
     export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", embedding_type="f16", log=None)
     m = mem.measure_gguf(tmp_path / "m.gguf")
     assert [(t.name, t.predicted_type, t.actual_type) for t in m.mismatches] == [("token_embd.weight", "Q8_0", "F16")]
@@ -479,3 +473,75 @@ def test_kv_formula_matches_llama_cpp(tiny_text_dir, tmp_path, swa_full, n_ubatc
         assert swa_cells == -(-(spec.sliding_window + n_ubatch) // 256) * 256 > spec.sliding_window
         assert base_bytes == kv.global_bytes
         assert swa_bytes == kv.local_bytes // kv.local_tokens * swa_cells
+
+
+# ------------------------------------------------------------------------------------------ one architecture record
+
+
+def test_one_record_gives_the_hf_config_and_back():
+    from dataclasses import replace
+
+    from gemma3_qat.embedded.tiny import tiny_architecture, tiny_multimodal_config, tiny_text_config
+    from gemma3_qat.models import Architecture, Gemma3Shape, architecture_from_hf_config, hf_config
+
+    assert Gemma3Shape is Architecture is mem.ModelSpec
+    for shape in GEMMA3_SHAPES.values():  # every fact of a released size survives its config.json
+        back = architecture_from_hf_config(hf_config(shape), shape.name, "built-in")
+        assert replace(back, nominal_params=shape.nominal_params) == shape
+    # the tiny test models are built by the same builder
+    assert tiny_text_config(512, hidden=96).to_dict() == hf_config(tiny_architecture(512, hidden=96)).to_dict()
+    mm = tiny_multimodal_config(512, 7, 8, 9)
+    assert (mm.image_token_index, mm.boi_token_index, mm.eoi_token_index, mm.mm_tokens_per_image) == (7, 8, 9, 4)
+    assert mem.param_counts(mem.spec_from_hf_config(mm, "mm", "test")).vision > 0
+
+
+def test_architecture_is_validated_on_creation():
+    from gemma3_qat.models import Architecture, VisionTower
+
+    with pytest.raises(ValueError, match="layer_types must list"):
+        Architecture("x", 6, 64, 128, 2, 1, 32, 8, 512, 512, layer_types=("full_attention",))
+    with pytest.raises(ValueError, match=r"Architecture.hidden must be a positive integer, got 0"):
+        Architecture("x", 6, 0, 128, 2, 1, 32, 8, 512, 512)
+    with pytest.raises(ValueError, match="VisionTower.patch_size must be a positive integer"):
+        VisionTower(56, -14, 2, 32, 86)
+    arch = Architecture("x", 12, 64, 128, 2, 1, 32, 8, 512, 512)
+    assert (arch.global_layers, arch.local_layers) == (2, 10)
+    assert [t.name for t in arch.tensors() if t.is_matmul][:2] == ["model.layers.0.self_attn.q_proj.weight",
+                                                                   "model.layers.0.self_attn.k_proj.weight"]
+
+
+def test_one_gemma3_check():
+    from transformers import GPT2Config
+
+    from gemma3_qat.models import NotGemma3Error, is_multimodal_gemma3
+
+    assert is_multimodal_gemma3({"model_type": "gemma3"}, "x") is True
+    assert is_multimodal_gemma3(mem.hf_config(GEMMA3_SHAPES["1b"]), "x") is False
+    for bad in ({"model_type": "llama"}, GPT2Config(), None, ["not", "a", "dict"]):
+        with pytest.raises(NotGemma3Error, match=r"x is not a Gemma 3 checkpoint \(model_type .*\); expected"):
+            is_multimodal_gemma3(bad, "x")
+
+
+def test_training_auto_rules_are_the_trainers(monkeypatch):
+    """The memory model asks the trainer its "auto" choices instead of restating them."""
+    import torch
+
+    from gemma3_qat.qat import distill, train
+
+    assert train.fake_quant_cache_on("auto", is_fsdp=True) is False and train.fake_quant_cache_on("on", True)
+    assert train.mixed_precision_for("auto", cuda=True) == "bf16" and train.mixed_precision_for("no", True) == "no"
+    assert mem.TrainingOptions(gpus=8).cache_on is False and mem.TrainingOptions().cache_on is True
+    assert distill.teacher_dtype(True) == torch.bfloat16 and mem.TrainingOptions(device="cpu").teacher_bytes == 4
+    monkeypatch.setattr("gemma3_qat.qat.train.fake_quant_cache_on", lambda setting, is_fsdp: False)
+    monkeypatch.setattr("gemma3_qat.qat.train.mixed_precision_for", lambda setting, cuda: "no")
+    monkeypatch.setattr("gemma3_qat.qat.distill.teacher_dtype", lambda cuda: torch.float32)
+    opts = mem.TrainingOptions(device="cuda")
+    assert (opts.cache_on, opts.compute_bytes, opts.teacher_bytes) == (False, 4, 4)
+
+
+def test_memory_query_is_the_commands_one_call():
+    with pytest.raises(ValueError, match="choose one of --table3 / --check"):
+        mem.MemoryQuery(table3=True, check="b.json")
+    assert mem.MemoryQuery().chosen_formats == mem.TABLE_FORMATS
+    assert mem.MemoryQuery(model="1b", formats=("q8_0",)).report().tables[1].rows[0][0] == "q8_0"
+    assert mem.MemoryQuery(table3=True).report().data.reproduced == 29

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gemma3_qat.checkpoint import QATMetadata
-from gemma3_qat.qat.train import QATRecipe, TrainConfig, TrainingError, train
+from gemma3_qat.checkpoint import QATMetadata, verify_manifest
+from gemma3_qat.errors import CorruptFileError
+from gemma3_qat.qat.train import QATRecipe, TrainConfig, TrainingError, TrainingStopped, train
 
 
 def config(tiny_text_dir, sample_data, out, **kw):
@@ -62,10 +63,20 @@ def test_output_is_a_qat_checkpoint_with_metrics(tiny_text_dir, sample_data, tmp
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step-000003", "step-000006"]
     assert QATMetadata.read(out / "checkpoints" / "step-000003" / "qat.json").steps == 3  # itself exportable
+    # each checkpoint, and the final one, verifies itself: size and SHA-256 of every file, written last
+    for d in (out, out / "checkpoints" / "step-000003"):
+        assert (d / "manifest.json").exists(), d
+        verify_manifest(d)
+    listed = json.loads((out / "manifest.json").read_text())["files"]
+    assert "model.safetensors" in listed and not any(k.startswith(("checkpoints/", "metrics")) for k in listed)
+    assert "trainer/optimizer.bin" in json.loads((out / "checkpoints" / "step-000003" / "manifest.json")
+                                                 .read_text())["files"]
 
 
 def test_steps_zero_is_the_ptq_baseline_in_the_same_layout(tiny_text_dir, sample_data, tmp_path):
+    handler = signal.getsignal(signal.SIGINT)
     out = train(config(tiny_text_dir, sample_data, tmp_path / "ptq", steps=0), log=lambda *_: None)
+    assert signal.getsignal(signal.SIGINT) is handler  # the run gives SIGINT back to its caller
     assert QATMetadata.read(out / "qat.json").steps == 0
     original = load_file(str(tiny_text_dir / "model.safetensors"))
     for k, v in weights(out).items():
@@ -110,12 +121,18 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_text_dir, sample_da
     proc.wait()
     assert target.exists()
     assert not (tmp_path / "cut" / "qat.json").exists()  # it really was cut short
-    subprocess.run([sys.executable, "-m", "gemma3_qat.cli", *cli_args(cut), "--resume"], env=ENV, check=True,
-                   capture_output=True)
+    # the newest complete checkpoint is torn too (a disk that filled up, a bad copy): its optimizer state is cut
+    newest = sorted((tmp_path / "cut" / "checkpoints").glob("step-*"))[-1]
+    optimizer = newest / "trainer" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
+    resumed = subprocess.run([sys.executable, "-m", "gemma3_qat.cli", *cli_args(cut), "--resume"], env=ENV,
+                             check=True, capture_output=True, text=True)
+    assert f"skipping {newest}: trainer/optimizer.bin: 1,000 bytes" in resumed.stdout, resumed.stdout[-2000:]
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+        assert torch.equal(a[k], b[k]), k  # bit-identical, from the checkpoint before the torn one
 
 
 @pytest.mark.slow
@@ -160,6 +177,12 @@ def test_teacher_cache_gives_the_same_loss_as_the_live_teacher(tiny_text_dir, sa
     a = [r["loss"] for r in metrics(tmp_path / "live") if "loss" in r]
     b = [r["loss"] for r in metrics(tmp_path / "cached") if "loss" in r]
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-6, atol=1e-7)
+    # validation: the same keys whatever the teacher source; the same targets give the same KD loss and top-1
+    live_val, cached_val = metrics(tmp_path / "live")[0], metrics(tmp_path / "cached")[0]
+    assert live_val.keys() == cached_val.keys() >= {"val_kl", "val_kd_loss", "val_top1", "val_ppl"}
+    assert cached_val["val_kl"] is None and live_val["val_kl"] > 0  # a cache holds no full distribution
+    for key in ("val_kd_loss", "val_top1", "val_ppl"):
+        assert cached_val[key] == pytest.approx(live_val[key], rel=1e-5), key
     # the same cache serves another format; another KD setting is refused with the fix
     train(config(tiny_text_dir, sample_data, tmp_path / "sfp8", format="sfp8", kd=mode, kd_k=16, steps=1,
                  teacher_cache=str(tmp_path / "cache")), log=lambda *_: None)
@@ -209,3 +232,84 @@ def test_cli_errors_are_one_line(tiny_text_dir, tmp_path):
                                                   "int4-channel, sfp8"]
     assert "Traceback" not in result.stderr
     assert CliRunner().invoke(app, ["train", "--help"]).exit_code == 0
+
+
+def test_resume_skips_damaged_checkpoints_and_ends_bit_identical(tiny_text_dir, sample_data, tmp_path):
+    """--resume falls back to the newest checkpoint that verifies, naming each one it skipped and why."""
+    cfg = config(tiny_text_dir, sample_data, tmp_path / "run", steps=4, save_every=1, keep_checkpoints=4,
+                 eval_every=100)
+    out = train(cfg, log=lambda *_: None)
+    uninterrupted = weights(out)
+    ckpts = out / "checkpoints"
+    model = ckpts / "step-000004" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-100])  # torn weights
+    optimizer = ckpts / "step-000003" / "trainer" / "optimizer.bin"
+    data = bytearray(optimizer.read_bytes())
+    data[len(data) // 2] ^= 1  # one flipped bit: same size, other bytes
+    optimizer.write_bytes(bytes(data))
+    (ckpts / "step-000002" / "manifest.json").unlink()  # as a checkpoint from before manifests
+    (ckpts / "step-000002" / "trainer" / "trainer_state.json").write_text('{step: 2')  # corrupt trainer state
+    lines = []
+    train(config(tiny_text_dir, sample_data, tmp_path / "run", steps=4, save_every=1, keep_checkpoints=4,
+                 eval_every=100), resume=True, log=lines.append)
+    skipped = [line for line in lines if line.startswith("--resume: skipping")]
+    assert len(skipped) == 3, lines
+    assert "step-000004" in skipped[0] and "model.safetensors" in skipped[0] and "manifest says" in skipped[0]
+    assert "step-000003" in skipped[1] and "optimizer.bin" in skipped[1] and "SHA-256" in skipped[1]
+    assert "step-000002" in skipped[2] and "trainer_state.json is unreadable" in skipped[2]
+    assert any("resumed from" in line and "step-000001" in line for line in lines), lines
+    resumed = weights(out)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    assert [r["step"] for r in metrics(out)] == [0, 1, 2, 3, 4]  # the rows after step 1 were written once more
+    assert "ptq_val_kl" in QATMetadata.read(out / "qat.json").metrics  # the PTQ baseline survives the resume
+    # nothing verifies: refused with the list, in one line
+    for d in ckpts.glob("step-*"):
+        (d / "trainer" / "trainer_state.json").unlink()
+    with pytest.raises(CorruptFileError, match=r"no checkpoint verifies \(step-000004: .*step-000001: no trainer/"):
+        train(config(tiny_text_dir, sample_data, tmp_path / "run", steps=4, save_every=1), resume=True,
+              log=lambda *_: None)
+
+
+def test_clean_stop_saves_a_checkpoint_and_raises_training_stopped(tiny_text_dir, sample_data, tmp_path):
+    recipe = QATRecipe(config(tiny_text_dir, sample_data, tmp_path / "run", steps=6, save_every=100),
+                       log=lambda *_: None)
+    recipe.setup()
+    recipe.stop_requested = True  # what SIGINT/SIGTERM set
+    with pytest.raises(TrainingStopped, match="stopped at step 1 .*--resume --output") as info:
+        recipe.train()
+    assert not isinstance(info.value, KeyboardInterrupt) and info.value.exit_code == 130
+    assert (tmp_path / "run" / "checkpoints" / "step-000001" / "manifest.json").exists()
+
+
+def test_recipe_only_keys_are_exactly_the_fields_without_a_flag():
+    """The module docstring says every recipe key is a flag except RECIPE_ONLY_KEYS: keep that true."""
+    import inspect
+    from dataclasses import fields
+
+    from gemma3_qat.cli import train as train_command
+    from gemma3_qat.qat import train as train_module
+
+    flags = set(inspect.signature(train_command).parameters)
+    assert {f.name for f in fields(TrainConfig)} - flags == set(train_module.RECIPE_ONLY_KEYS)
+    assert all(key in train_module.__doc__ for key in train_module.RECIPE_ONLY_KEYS)
+    assert train_module.resolve_recipe(None, None) == train_module.DEFAULT_RECIPE
+    assert train_module.DEFAULT_RECIPE.exists()
+    assert train_module.resolve_recipe(None, "some/model") is None
+    assert train_module.resolve_recipe("r.yaml", None) == "r.yaml"
+
+
+def test_peak_memory_is_this_process_high_water_mark_not_the_parent_s(tmp_path):
+    """ru_maxrss survives exec: a process that peaked at 1.5 GB and then exec'd the trainer would log 1.5 GB."""
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import os, sys\n"
+        "if len(sys.argv) == 1:\n"
+        "    block = b'x' * (1536 << 20)\n"
+        "    del block\n"
+        "    os.execv(sys.executable, [sys.executable, __file__, 'child'])\n"
+        "import torch\n"
+        "from gemma3_qat.qat.train import _peak_memory_mb\n"
+        "print(_peak_memory_mb(torch.device('cpu')))\n")
+    result = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, check=True)
+    peak = float(result.stdout.strip().splitlines()[-1])
+    assert 10 < peak < 1200, peak  # the child's own peak (imports: a few hundred MB), not the 1.5 GB before exec

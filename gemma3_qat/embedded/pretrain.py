@@ -69,13 +69,13 @@ def unigram_perplexity(train_ids: torch.Tensor, valid_ids: torch.Tensor, vocab: 
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch: int = 16) -> float:
+    from gemma3_qat.qat.distill import token_metrics  # the one definition of NLL (and KL, top-1)
+
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(windows), batch):
         x = windows[i:i + batch]
-        logits = model(input_ids=x).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1),
-                                                reduction="sum")
+        nll = token_metrics(model(input_ids=x).logits[:, :-1], x[:, 1:])["nll"].sum()
         total += nll.item()
         count += x[:, 1:].numel()
     model.train()

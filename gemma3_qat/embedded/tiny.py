@@ -13,49 +13,33 @@ from pathlib import Path
 
 import torch
 
-from gemma3_qat.models import layer_types
+from gemma3_qat.models import Architecture, VisionTower, hf_config
 from gemma3_qat.embedded.sentencepiece import train_sentencepiece
 from gemma3_qat.tokenizer import CONTROL_TOKENS
 
 
-def tiny_text_config(vocab_size: int, *, hidden: int = 64, ffn: int = 128, layers: int = 6, heads: int = 2,
-                     kv_heads: int = 1, head_dim: int = 32, sliding_window: int = 8, context: int = 512):
-    from transformers import Gemma3TextConfig
+def tiny_architecture(vocab_size: int, *, hidden: int = 64, ffn: int = 128, layers: int = 6, heads: int = 2,
+                      kv_heads: int = 1, head_dim: int = 32, sliding_window: int = 8, context: int = 512,
+                      vision: VisionTower | None = None) -> Architecture:
+    """The tiny models' record: no RoPE scaling, ``query_pre_attn_scalar = head_dim``, the default pattern."""
+    return Architecture("tiny", layers, hidden, ffn, heads, kv_heads, head_dim, sliding_window, context, vocab_size,
+                        vision=vision, source="gemma3_qat.embedded.tiny", query_pre_attn_scalar=head_dim)
 
-    return Gemma3TextConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        sliding_window=sliding_window,
-        max_position_embeddings=context,
-        query_pre_attn_scalar=head_dim,
-        layer_types=layer_types(layers),
-        rope_parameters={
-            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-        },
-        tie_word_embeddings=True,
-        pad_token_id=0, eos_token_id=1, bos_token_id=2,
-    )
+
+# A 4B-style tower, small: 56 px, patch 14 (16 patches), 4 soft tokens per image; ffn 86 like SigLIP's 4304, not a
+# multiple of 32.
+TINY_SIGLIP = VisionTower(image_size=56, patch_size=14, layers=2, hidden=32, ffn=86, heads=2, tokens_per_image=4)
+
+
+def tiny_text_config(vocab_size: int, **shape):
+    """A ``Gemma3TextConfig`` of ``tiny_architecture(vocab_size, **shape)``."""
+    return hf_config(tiny_architecture(vocab_size, **shape))
 
 
 def tiny_multimodal_config(vocab_size: int, image_token_index: int, boi: int, eoi: int, **text_kwargs):
-    """A 4B-style ``Gemma3ForConditionalGeneration`` config with a small SigLIP tower (56 px, patch 14, 4 tokens)."""
-    from transformers import Gemma3Config, SiglipVisionConfig
-
-    text = tiny_text_config(vocab_size, **text_kwargs)
-    vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=86,  # 86: like SigLIP's 4304, not a multiple of 32
-        num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14, vision_use_head=False,
-    )
-    return Gemma3Config(
-        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
-        image_token_index=image_token_index, boi_token_index=boi, eoi_token_index=eoi, tie_word_embeddings=True,
-    )
+    """A 4B-style ``Gemma3ForConditionalGeneration`` config with a small SigLIP tower (``TINY_SIGLIP``)."""
+    return hf_config(tiny_architecture(vocab_size, vision=TINY_SIGLIP, **text_kwargs),
+                     image_token_index=image_token_index, boi_token_index=boi, eoi_token_index=eoi)
 
 
 def sample_texts(modules: tuple[str, ...] = ("json", "argparse", "collections", "textwrap", "string", "functools")):

@@ -4,18 +4,20 @@
   and scales** (the per-channel scale repeated in each block of its row), computed by ``gemma3_qat.formats`` from
   the latent weights exactly as the training forward did; never re-derived by another quantizer. sfp8 has no GGUF
   type: its exact values go in as BF16 when the per-tensor scale allows it, else F32 (or Q8_0 with ``lossy``).
+  The planner asks the format object for that encoding (``fmt.gguf_encoding``) and ``exporters.layout`` for
+  names, roles and the type of everything else (``GGUFTypes``, which the memory model uses too).
 * A plain checkpoint: ``plain_type`` = f32 | f16 | bf16 | q8_0 | q4_0 (the post-training-quantization baseline).
 * Metadata, tensor names and transformations as ``shared/specs/gguf-gemma3.md``: norms +1 and F32, no
   ``output.weight`` (the head is tied), both RoPE bases, sliding window, rope scaling only when present.
 * Multimodal checkpoints also give ``mmproj-<name>.gguf`` (clip, gemma3 projector) from the frozen vision tower.
 * Streaming: tensor infos are declared first, then each tensor is converted in row chunks and written; peak
-  memory stays near one chunk. The file is written to a temporary name and renamed when complete.
+  memory stays near one chunk. The file is written to a temporary name and renamed when complete; every file
+  (GGUF, mmproj, model card) is checked against the overwrite rule before the first is written.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,85 +25,28 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType
-from gguf import quants as gguf_quants
 
 from gemma3_qat import __version__
-from gemma3_qat.checkpoint import Checkpoint, atomic_file
+from gemma3_qat.checkpoint import Checkpoint, atomic_file, check_output
+from gemma3_qat.exporters import refuse_flags
 from gemma3_qat.exporters.gguf_vocab import add_vocab, read_vocab
-from gemma3_qat.formats import FP16_MAX, SFP8, FormatError, get_format, q4_0_blocks, sfp8_scale, sfp8_values_fit_bf16
-from gemma3_qat.errors import InputError, OutputExistsError
+from gemma3_qat.exporters.layout import EMBEDDING_TYPES as EMBEDDING_TYPES  # re-exported: callers import these
+from gemma3_qat.exporters.layout import FILE_TYPES as FILE_TYPES
+from gemma3_qat.exporters.layout import PLAIN_TYPES as PLAIN_TYPES
+from gemma3_qat.exporters.layout import (
+    ExportError,
+    MATMUL_ROLES,
+    GGUFTypes,
+    check_rows,
+    tensor_role,
+    text_gguf_name,
+    vision_gguf_name,
+)
+from gemma3_qat.formats import FormatError, encode_values, get_format
 
 T = GGMLQuantizationType
-PLAIN_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}
-EMBEDDING_TYPES = ("auto", "q4_0", "q8_0", "f16", "bf16", "f32")
-FILE_TYPES = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.BF16: LlamaFileType.MOSTLY_BF16,
-              T.Q8_0: LlamaFileType.MOSTLY_Q8_0, T.Q4_0: LlamaFileType.MOSTLY_Q4_0}
 CHUNK_ELEMENTS = 1 << 24  # rows per chunk are chosen so that a chunk holds about 16M weights (64 MB in fp32)
 NAMESPACE = "gemma3_qat"  # our provenance keys
-
-_TEXT_PREFIX = re.compile(r"^(?:model\.language_model\.|language_model\.model\.|language_model\.|model\.)")
-_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "post_attention_layernorm.weight": "post_attention_norm.weight",
-    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_VISION_PREFIX = re.compile(r"^(?:model\.)?vision_tower\.(?:vision_model\.)?")
-_PROJECTOR_PREFIX = re.compile(r"^(?:model\.)?multi_modal_projector\.")
-_VISION_LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
-    "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down",
-}
-
-
-class ExportError(InputError):
-    """A checkpoint or option combination the exporter cannot turn into a correct file."""
-
-
-def text_gguf_name(hf_name: str) -> str | None:
-    """GGUF name of a text-model tensor; None for tensors that are not written (the tied head) or not text."""
-    if _VISION_PREFIX.match(hf_name) or _PROJECTOR_PREFIX.match(hf_name) or hf_name == "lm_head.weight":
-        return None
-    name = _TEXT_PREFIX.sub("", hf_name)
-    if name == "embed_tokens.weight":
-        return "token_embd.weight"
-    if name == "norm.weight":
-        return "output_norm.weight"
-    m = _LAYER.match(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    raise ExportError(f"unexpected tensor {hf_name!r} in a Gemma 3 text model; is this a Gemma 3 checkpoint?")
-
-
-def vision_gguf_name(hf_name: str) -> str | None:
-    if _PROJECTOR_PREFIX.match(hf_name):
-        name = _PROJECTOR_PREFIX.sub("", hf_name)
-        return {"mm_input_projection_weight": "mm.input_projection.weight",
-                "mm_soft_emb_norm.weight": "mm.soft_emb_norm.weight"}.get(name)
-    if not _VISION_PREFIX.match(hf_name):
-        return None
-    name = _VISION_PREFIX.sub("", hf_name)
-    fixed = {"embeddings.patch_embedding.weight": "v.patch_embd.weight",
-             "embeddings.patch_embedding.bias": "v.patch_embd.bias",
-             "embeddings.position_embedding.weight": "v.position_embd.weight",
-             "post_layernorm.weight": "v.post_ln.weight", "post_layernorm.bias": "v.post_ln.bias"}
-    if name in fixed:
-        return fixed[name]
-    m = re.match(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", name)
-    if m and m.group(2) in _VISION_LAYER_NAMES:
-        return f"v.blk.{m.group(1)}.{_VISION_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    raise ExportError(f"unexpected vision tensor {hf_name!r}")
 
 
 # ------------------------------------------------------------------------------------------------- planning
@@ -139,28 +84,11 @@ def _plain_encoder(ggml_type: GGMLQuantizationType, name: str, add_one: bool = F
         x = rows.to(torch.float32)
         if add_one:
             x = x + 1.0
-        if ggml_type == T.F32:
-            return x.numpy()
-        if ggml_type == T.F16:
-            if x.numel() and float(x.abs().max()) > FP16_MAX:
-                raise ExportError(f"{name} has values beyond fp16's range; export it as bf16 or f32")
-            return x.to(torch.float16).numpy()
-        if ggml_type == T.Q4_0:
-            return q4_0_blocks(get_format("int4-block").quantize(x))
-        return gguf_quants.quantize(x.numpy(), ggml_type)  # BF16 and Q8_0: the gguf package's reference rules
+        try:
+            return encode_values(x, ggml_type)
+        except FormatError as e:  # e.g. values beyond fp16's range
+            raise ExportError(f"{name}: {e}") from None
     return encode
-
-
-def _format_encoder(fmt_name: str, tensor_scale: torch.Tensor | None, lossy: bool):
-    fmt = get_format(fmt_name)
-    if fmt_name in ("int4-block", "int4-channel"):
-        return T.Q4_0, lambda rows: q4_0_blocks(fmt.quantize(rows))
-    assert isinstance(fmt, SFP8) and tensor_scale is not None
-    if lossy:
-        return T.Q8_0, lambda rows: gguf_quants.quantize(fmt.fake_quantize_values(rows, tensor_scale).numpy(), T.Q8_0)
-    if sfp8_values_fit_bf16(tensor_scale):
-        return T.BF16, lambda rows: fmt.fake_quantize_values(rows, tensor_scale).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return T.F32, lambda rows: fmt.fake_quantize_values(rows, tensor_scale).numpy()
 
 
 def _row_chunks(ckpt: Checkpoint, name: str) -> Iterator[torch.Tensor]:
@@ -173,76 +101,64 @@ def _row_chunks(ckpt: Checkpoint, name: str) -> Iterator[torch.Tensor]:
         yield ckpt.read(name, slice(start, min(start + step, shape[0]))).to(torch.float32)
 
 
-def _tensor_sfp8_scale(ckpt: Checkpoint, name: str) -> torch.Tensor:
+def _max_abs(ckpt: Checkpoint, name: str) -> torch.Tensor:
     maxabs = torch.zeros(())
     for rows in _row_chunks(ckpt, name):
         maxabs = torch.maximum(maxabs, torch.maximum(rows.amax(), -rows.amin()))
-    return sfp8_scale(maxabs.reshape(1, 1))
+    return maxabs
 
 
-def _is_matmul(gguf_name: str) -> bool:
-    return re.match(r"^blk\.\d+\.(attn_[qkv]|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$", gguf_name) is not None
+def gguf_types_of(ckpt: Checkpoint, *, plain_type: str | None = None, embedding_type: str = "auto",
+                  lossy: bool = False) -> GGUFTypes:
+    """The type policy of exporting ``ckpt`` with these options (validates them)."""
+    qat = ckpt.qat
+    if qat is not None and plain_type is not None:
+        raise ExportError(f"{ckpt.path} is a QAT checkpoint ({qat.format}): its types come from qat.json; "
+                          "drop --type")
+    return GGUFTypes(get_format(qat.format) if qat else None, plain_type,
+                     quantize_embeddings=bool(qat and qat.quantize_embeddings), embedding_type=embedding_type,
+                     lossy=lossy)
 
 
 def plan_text_export(ckpt: Checkpoint, path: Path, *, plain_type: str | None = None,
                      embedding_type: str = "auto", lossy: bool = False) -> ExportPlan:
-    """Decide name, type and encoder of every text tensor; reads only headers (and, for sfp8, each tensor's max)."""
-    if embedding_type not in EMBEDDING_TYPES:
-        raise ExportError(f"unknown --embedding-type {embedding_type!r}; choose one of: {', '.join(EMBEDDING_TYPES)}")
-    qat = ckpt.qat
-    if qat is not None and plain_type is not None:
-        raise ExportError(f"{ckpt.path} is a QAT checkpoint ({qat.format}): its types come from qat.json; drop --type")
-    if qat is None:
-        plain_type = plain_type or "f16"
-        if plain_type not in PLAIN_TYPES:
-            raise ExportError(f"unknown --type {plain_type!r}; choose one of: {', '.join(PLAIN_TYPES)}")
-    if lossy and (qat is None or qat.format != "sfp8"):
-        raise ExportError("--lossy only applies to sfp8 checkpoints (Q8_0 instead of exact BF16/F32 values)")
+    """Decide name, type and encoder of every text tensor; reads only headers (and, for a format with a
+    per-tensor scale, each trained tensor's max |w|)."""
+    types = gguf_types_of(ckpt, plain_type=plain_type, embedding_type=embedding_type, lossy=lossy)
+    fmt = types.format
     plan = ExportPlan(path)
     body_type = None
     for hf_name in ckpt.names():
         gguf_name = text_gguf_name(hf_name)
         if gguf_name is None:
             continue
-        shape = ckpt.shape(hf_name)
-        if len(shape) == 1:  # norms: F32, and Gemma's (1 + w) folded in
+        role, shape = tensor_role(hf_name), ckpt.shape(hf_name)
+        if role == "norms":  # F32, and Gemma's (1 + w) folded in
             plan.tensors.append(TensorPlan(gguf_name, hf_name, shape, T.F32,
                                            _plain_encoder(T.F32, hf_name, add_one=hf_name.endswith("norm.weight"))))
             continue
-        is_embedding = gguf_name == "token_embd.weight"
-        trained = qat is not None and (_is_matmul(gguf_name) or (is_embedding and qat.quantize_embeddings))
-        if trained:
+        if types.trained(role):
             try:
-                get_format(qat.format).check_shape(shape)
+                fmt.check_shape(shape)
             except FormatError as e:
                 raise ExportError(f"{hf_name}: {e}") from None
-            scale = _tensor_sfp8_scale(ckpt, hf_name) if qat.format == "sfp8" else None
-            ggml_type, encode = _format_encoder(qat.format, scale, lossy)
-            note = f"{qat.format} codes" if qat.format != "sfp8" else f"sfp8 values (scale {float(scale):.6g})"
+            scale = fmt.tensor_scale(_max_abs(ckpt, hf_name)) if fmt.granularity == "tensor" else None
+            encoding = fmt.gguf_encoding(lossy=lossy, tensor_scale=scale)
+            ggml_type, encode, note = encoding.ggml_type, encoding.encode, encoding.note
         else:
-            if is_embedding:
-                chosen = embedding_type if embedding_type != "auto" else (
-                    plain_type if plain_type in ("f32", "f16", "bf16") else "q8_0")
-            else:
-                chosen = plain_type
-            ggml_type = PLAIN_TYPES[chosen]
+            ggml_type = types.ggml_type(role, gguf_name, shape)
             encode, note = _plain_encoder(ggml_type, hf_name), "converted"
-        if ggml_type in (T.Q4_0, T.Q8_0) and shape[1] % 32:
-            raise ExportError(f"{hf_name}: shape {shape} has rows that are not a multiple of 32, which "
-                              f"{ggml_type.name} needs; keep it in f16, bf16 or f32")
-        if _is_matmul(gguf_name):
+        check_rows(ggml_type, hf_name, shape)
+        if role in MATMUL_ROLES:
             body_type = ggml_type
         plan.tensors.append(TensorPlan(gguf_name, hf_name, shape, ggml_type, encode, note))
     names = [t.gguf_name for t in plan.tensors]
     if "token_embd.weight" not in names:
         raise ExportError(f"{ckpt.path} has no embedding (embed_tokens.weight): not a complete Gemma 3 checkpoint")
-    plan.file_type = FILE_TYPES.get(body_type, LlamaFileType.ALL_F32)
-    if qat is not None and qat.format == "int4-channel":
-        plan.notes.append("int4-channel is stored as Q4_0 with each row's scale in every block: exact, but 4.5 "
-                          "bits per weight in GGUF (the 4-bit saving needs compressed-tensors or gemma.cpp)")
-    if qat is not None and qat.format == "sfp8" and not lossy:
-        plan.notes.append("GGUF has no SFP type: sfp8 weights are written as their exact values (BF16 where the "
-                          "tensor scale allows, else F32); --lossy writes Q8_0 instead")
+    plan.file_type = types.file_type(body_type)
+    note = fmt.gguf_note(lossy=lossy) if fmt is not None else None
+    if note:
+        plan.notes.append(note)
     return plan
 
 
@@ -318,7 +234,7 @@ def _add_text_metadata(writer: GGUFWriter, ckpt: Checkpoint, plan: ExportPlan, n
 
 def _write(plan: ExportPlan, ckpt: Checkpoint, arch: str, add_metadata: Callable[[GGUFWriter], None],
            force: bool, log: Callable[[str], None]) -> None:
-    with atomic_file(plan.path, force=force) as tmp:
+    with atomic_file(plan.path, force=force, make_parents=False) as tmp:
         writer = GGUFWriter(tmp, arch)
         add_metadata(writer)
         for t in plan.tensors:
@@ -339,15 +255,24 @@ def _write(plan: ExportPlan, ckpt: Checkpoint, arch: str, add_metadata: Callable
 
 
 def export_gguf(checkpoint: str | Path, output: str | Path | None = None, *, plain_type: str | None = None,
-                embedding_type: str = "auto", lossy: bool = False, force: bool = False, dry_run: bool = False,
-                model_card: bool = True, log: Callable[[str], None] | None = print) -> ExportPlan:
+                embedding_type: str | None = "auto", lossy: bool = False, force: bool = False, dry_run: bool = False,
+                model_card: bool = True, log: Callable[[str], None] | None = print,
+                layout: str | None = None, dtype: str | None = None) -> ExportPlan:
     """Export ``checkpoint`` to GGUF (and ``mmproj-*.gguf`` for multimodal checkpoints). Returns the text plan.
 
     ``plain_type``: for a plain (non-QAT) checkpoint, f32 | f16 | bf16 | q8_0 | q4_0. ``embedding_type``: for an
     embedding that was not trained quantized; ``auto`` = Q8_0 (llama.cpp's QAT choice; F16 costs +0.8-1.6 GB on
-    the released sizes), or the plain type when that is f32/f16/bf16.
+    the released sizes), or the plain type when that is f32/f16/bf16 (None: auto). ``dry_run``: plan only, write
+    nothing.
+    ``layout``/``dtype`` are ``--to safetensors`` options, taken only to refuse them (pass None when not given).
+
+    Every file written (the GGUF, its mmproj, the model card ``<output>.md``) obeys the same rule: refused if it
+    exists without ``force`` or is a directory, or if its parent does not exist; all are checked before the
+    first byte is written.
     """
-    ckpt = Checkpoint(checkpoint)
+    refuse_flags("gguf", layout=layout, dtype=dtype)
+    embedding_type = embedding_type or "auto"
+    ckpt = Checkpoint(checkpoint, verify=not dry_run)  # a dry run checks sizes and headers, not checksums
     ckpt.require_tokenizer_model()
     name = ckpt.path.name
     if output is None:
@@ -360,9 +285,9 @@ def export_gguf(checkpoint: str | Path, output: str | Path | None = None, *, pla
     mmproj_plan = plan_mmproj_export(ckpt, output.with_name(f"mmproj-{output.name}")) if ckpt.multimodal else None
     if dry_run:
         return plan
-    for p in (plan, mmproj_plan):
-        if p is not None and p.path.exists() and not force:
-            raise OutputExistsError(f"{p.path} already exists; pass --force to replace it")
+    outputs = [p.path for p in (plan, mmproj_plan) if p is not None] + ([model_card_path(plan)] if model_card else [])
+    for path in outputs:
+        check_output(path, force=force, make_parents=False)
 
     def metadata(writer):
         _add_text_metadata(writer, ckpt, plan, name)
@@ -372,11 +297,19 @@ def export_gguf(checkpoint: str | Path, output: str | Path | None = None, *, pla
     if mmproj_plan is not None:
         _write(mmproj_plan, ckpt, "clip", lambda w: _add_mmproj_metadata(w, ckpt, name), force, log)
     if model_card:
-        write_model_card(ckpt, plan, mmproj_plan)
+        write_model_card(ckpt, plan, mmproj_plan, force=True)  # checked above with the rest
     return plan
 
 
-def write_model_card(ckpt: Checkpoint, plan: ExportPlan, mmproj_plan: ExportPlan | None) -> Path:
+def model_card_path(plan: ExportPlan) -> Path:
+    """The model card written next to the GGUF: ``x.gguf`` -> ``x.md`` (``x.md`` itself -> ``x.md.md``)."""
+    path = plan.path
+    return path.with_suffix(".md") if path.suffix != ".md" else path.with_name(path.name + ".md")
+
+
+def write_model_card(ckpt: Checkpoint, plan: ExportPlan, mmproj_plan: ExportPlan | None, *,
+                     force: bool = False) -> Path:
+    """Write ``model_card_path(plan)``: provenance, tensor bytes by type and the plan's notes."""
     qat = ckpt.qat
     lines = [f"# {plan.path.name}", "", f"GGUF for llama.cpp / Ollama / LM Studio, written by gemma3-qat {__version__}.", ""]
     lines += [f"- base checkpoint: `{ckpt.path}`"]
@@ -395,8 +328,8 @@ def write_model_card(ckpt: Checkpoint, plan: ExportPlan, mmproj_plan: ExportPlan
     lines += [""] + [f"Note: {n}" for n in plan.notes]
     if mmproj_plan is not None:
         lines.append(f"Vision: `{mmproj_plan.path.name}` (frozen, unquantized SigLIP tower and projector).")
-    card = plan.path.with_suffix(".md")
-    with atomic_file(card, force=True) as tmp:
+    card = model_card_path(plan)
+    with atomic_file(card, force=force, make_parents=False) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return card
 
@@ -406,13 +339,13 @@ def write_model_card(ckpt: Checkpoint, plan: ExportPlan, mmproj_plan: ExportPlan
 
 def plan_mmproj_export(ckpt: Checkpoint, path: Path) -> ExportPlan:
     plan = ExportPlan(path, file_type=LlamaFileType.MOSTLY_F16)
+    types = GGUFTypes()  # the vision tower is frozen and unquantized: F16 matrices, F32 vectors
     for hf_name in ckpt.names():
         gguf_name = vision_gguf_name(hf_name)
         if gguf_name is None:
             continue
         shape = ckpt.shape(hf_name)
-        f32 = len(shape) == 1 or gguf_name in ("v.patch_embd.weight", "v.position_embd.weight")
-        ggml_type = T.F32 if f32 else T.F16
+        ggml_type = types.ggml_type(tensor_role(hf_name), gguf_name, shape)
         add_one = gguf_name == "mm.soft_emb_norm.weight"  # Gemma RMSNorm; the SigLIP LayerNorms get no shift
         plan.tensors.append(TensorPlan(gguf_name, hf_name, shape, ggml_type, _plain_encoder(ggml_type, hf_name, add_one)))
     return plan
@@ -454,9 +387,11 @@ def _add_mmproj_metadata(writer: GGUFWriter, ckpt: Checkpoint, name: str) -> Non
 
 def inspect_gguf(path: str | Path) -> dict:
     """Metadata (long arrays summarised), tensor table and totals of a GGUF file."""
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFValueType
 
-    reader = GGUFReader(str(path))
+    from gemma3_qat.gguf_file import open_gguf
+
+    reader = open_gguf(path)  # validated first: a torn or corrupt file is one line naming it
     metadata = {}
     for key, fld in reader.fields.items():
         if key.startswith("GGUF."):

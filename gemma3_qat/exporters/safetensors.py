@@ -14,47 +14,151 @@ Layouts:
 * ``sfp8``               gemma.cpp SFP codes (uint8 per weight) + the per-tensor scale; ``load_sfp8`` restores the
                          exact values.
 
-Written shard by shard (``max_shard_bytes``) into a temporary directory that is renamed when complete.
+The layouts a format allows, its compressed-tensors scheme and its codes layout are the format object's facts
+(``gemma3_qat.formats``); which tensors are quantized is ``exporters.layout``'s rule. ``plan_safetensors_export``
+decides every output tensor from the headers alone (``--dry-run``); the writer checks each tensor it writes
+against the plan. Written shard by shard (``max_shard_bytes``) into a temporary directory that is renamed when
+complete.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from gemma3_qat import __version__
-from gemma3_qat.checkpoint import Checkpoint, QAT_JSON, atomic_directory, copy_tokenizer_files
-from gemma3_qat.formats import SFP8_DECODE_TABLE, get_format
+from gemma3_qat.checkpoint import (
+    _SAFETENSORS_DTYPES,
+    QAT_JSON,
+    Checkpoint,
+    atomic_directory,
+    check_output,
+    copy_tokenizer_files,
+)
+from gemma3_qat.exporters import refuse_flags
+from gemma3_qat.exporters.layout import legacy_name, role_is_quantized, tensor_role
+from gemma3_qat.formats import FORMATS, SFP8, SFP8_DECODE_TABLE, FormatError, WeightFormat, get_format
 from gemma3_qat.errors import InputError
 
-LAYOUTS = ("unquantized", "compressed-tensors", "sfp8")
+UNQUANTIZED, COMPRESSED_TENSORS = "unquantized", "compressed-tensors"
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-SFP8_METADATA = {"format": "gemma3-qat-sfp8", "encoding": "gemma.cpp switched floating point (SFP): per weight one "
-                 "byte, bit 7 sign; bit 6 = 1: (1 + m/8) * 2^(E-15), E = bits 6..3 + 8, m = bits 2..0; bit 6 = 0: "
-                 "(1 + m/4) * 2^(E-23), E = bits 5..2, m = bits 1..0; magnitude 0 = zero; value = decoded * scale"}
-_MATMUL = re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+SFP8_METADATA = SFP8.safetensors_metadata
+_HOLDS = {COMPRESSED_TENSORS: "compressed-tensors holds int4 here"}  # what a layout holds, for its refusal
+
+
+def layouts() -> tuple[str, ...]:
+    """Every layout: the two for any format, and each format's own codes layout (named after it: sfp8)."""
+    return (UNQUANTIZED, COMPRESSED_TENSORS) + tuple(f.name for f in FORMATS.values() if f.safetensors_codes)
+
+
+LAYOUTS = layouts()
+
+
+def format_layouts(fmt: WeightFormat) -> tuple[str, ...]:
+    """The layouts that can hold ``fmt``: unquantized always, compressed-tensors where the format has a scheme,
+    its own codes layout where it has one."""
+    return ((fmt.name,) if fmt.safetensors_codes else ()) + (UNQUANTIZED,) + (
+        (COMPRESSED_TENSORS,) if fmt.compressed_tensors_scheme() else ())
 
 
 class SafetensorsExportError(InputError):
     pass
 
 
-def legacy_name(name: str) -> str:
-    """HF key in the legacy multimodal layout (``language_model.model.*``, ``vision_tower.vision_model.*``)."""
-    name = re.sub(r"^model\.language_model\.", "language_model.model.", name)
-    name = re.sub(r"^(?:model\.)?vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.", name)
-    name = re.sub(r"^model\.vision_tower\.", "vision_tower.", name)
-    return re.sub(r"^model\.multi_modal_projector\.", "multi_modal_projector.", name)
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of the output: its key, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _is_quantized(name: str, ckpt: Checkpoint) -> bool:
-    if _MATMUL.search(name) and "vision" not in name:
-        return True
-    return bool(ckpt.qat.quantize_embeddings) and name.endswith("embed_tokens.weight")
+@dataclass(frozen=True)
+class TensorPlan:
+    """One checkpoint tensor and what it becomes: ``kind`` = copy (unquantized tensor), values (the format's
+    dequantized values), packed (compressed-tensors) or codes (the format's own codes + scale)."""
+
+    hf_name: str
+    kind: str
+    stored: tuple[StoredTensor, ...]
+
+
+@dataclass
+class SafetensorsPlan:
+    """What ``export_safetensors`` writes (or, with ``dry_run``, would write)."""
+
+    path: Path
+    layout: str
+    dtype: str
+    format: str
+    tensors: list[TensorPlan] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for t in self.tensors for s in t.stored)
+
+
+def _plan_tensor(ckpt: Checkpoint, name: str, fmt: WeightFormat, layout: str, store: torch.dtype) -> TensorPlan:
+    out_name = legacy_name(name) if ckpt.multimodal else name
+    shape = ckpt.shape(name)
+    role = tensor_role(name)
+    if not role_is_quantized(role, ckpt.qat.quantize_embeddings):
+        dtype = _SAFETENSORS_DTYPES[ckpt.dtype(name)]
+        keep = layout == fmt.name or not dtype.is_floating_point  # the codes layout keeps the checkpoint's dtypes
+        return TensorPlan(name, "copy", (StoredTensor(out_name, dtype if keep else store, shape),))
+    base = out_name.removesuffix(".weight")
+    if layout == UNQUANTIZED or (layout == COMPRESSED_TENSORS and role == "embedding"):
+        return TensorPlan(name, "values", (StoredTensor(out_name, store, shape),))  # vLLM packs Linear weights only
+    if layout == COMPRESSED_TENSORS:
+        bits = fmt.compressed_tensors_scheme()["num_bits"]
+        packed = (shape[0], math.ceil(math.prod(shape[1:]) * bits / 32))
+        scale = fmt.scale_shape(shape)  # the trained fp16 scales, stored as fp32: decompression is exact
+        return TensorPlan(name, "packed", (StoredTensor(base + ".weight_packed", torch.int32, packed),
+                                           StoredTensor(base + ".weight_scale", torch.float32, scale),
+                                           StoredTensor(base + ".weight_shape", torch.int64, (len(shape),))))
+    scale_shape = fmt.scale_shape(shape) or (1,)  # a per-tensor scale is stored as [1]
+    return TensorPlan(name, "codes", (StoredTensor(f"{base}.{fmt.name}_codes", torch.uint8, shape),
+                                      StoredTensor(f"{base}.{fmt.name}_scale", fmt.scale_dtype, scale_shape)))
+
+
+def plan_safetensors_export(ckpt: Checkpoint, output: Path, *, layout: str = UNQUANTIZED,
+                            dtype: str | None = None) -> SafetensorsPlan:
+    """Validate the options and decide every output tensor; reads only headers."""
+    if layout not in layouts():
+        raise SafetensorsExportError(f"unknown --layout {layout!r}; choose one of: {', '.join(layouts())}")
+    if ckpt.qat is None:
+        raise SafetensorsExportError(f"{ckpt.path} has no qat.json: safetensors export takes a QAT checkpoint "
+                                     "(the output of gemma3-qat train; --steps 0 for post-training quantization)")
+    fmt = get_format(ckpt.qat.format)
+    if layout not in format_layouts(fmt):
+        holds = _HOLDS.get(layout, f"it holds {layout} codes")
+        raise SafetensorsExportError(f"--layout {layout} cannot hold {fmt.name} ({holds}); export {fmt.name} with "
+                                     f"--layout {' or '.join(format_layouts(fmt))}")
+    dtype = dtype or ("f32" if layout == UNQUANTIZED else "bf16")
+    if dtype not in DTYPES:
+        raise SafetensorsExportError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    store = DTYPES[dtype]
+    if layout == UNQUANTIZED:
+        try:
+            fmt.check_value_dtype(store)
+        except FormatError as e:
+            raise SafetensorsExportError(str(e)) from None
+    plan = SafetensorsPlan(Path(output), layout, dtype, fmt.name)
+    for name in ckpt.names():
+        if tensor_role(name) is None:
+            continue  # lm_head: tied to the embedding
+        plan.tensors.append(_plan_tensor(ckpt, name, fmt, layout, store))
+    return plan
 
 
 class _ShardWriter:
@@ -97,13 +201,11 @@ class _ShardWriter:
             {"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
-def _compressed_tensors_config(fmt: str, ignore: list[str]) -> dict:
-    weights = {"num_bits": 4, "type": "int", "symmetric": True, "dynamic": False, "observer": "minmax",
-               "strategy": "group" if fmt == "int4-block" else "channel",
-               "group_size": 32 if fmt == "int4-block" else None}
+def _compressed_tensors_config(fmt: WeightFormat, ignore: list[str]) -> dict:
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                          "output_activations": None, "format": "pack-quantized"}},
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": fmt.compressed_tensors_scheme(),
+                                          "input_activations": None, "output_activations": None,
+                                          "format": "pack-quantized"}},
             "ignore": ignore, "kv_cache_scheme": None}
 
 
@@ -117,61 +219,60 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def export_safetensors(checkpoint: str | Path, output: str | Path, *, layout: str = "unquantized",
-                       dtype: str | None = None, force: bool = False, max_shard_bytes: int = 5 * 10**9,
-                       log: Callable[[str], None] | None = print) -> Path:
-    """Write ``checkpoint`` (a QAT checkpoint) to ``output`` in ``layout``. See the module docstring."""
-    if layout not in LAYOUTS:
-        raise SafetensorsExportError(f"unknown --layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
-    ckpt = Checkpoint(checkpoint)
-    if ckpt.qat is None:
-        raise SafetensorsExportError(f"{ckpt.path} has no qat.json: safetensors export takes a QAT checkpoint "
-                                     "(the output of gemma3-qat train; --steps 0 for post-training quantization)")
-    fmt = get_format(ckpt.qat.format)
-    if layout == "compressed-tensors" and fmt.name == "sfp8":
-        raise SafetensorsExportError("compressed-tensors holds int4 here; export sfp8 with --layout sfp8 or unquantized")
-    if layout == "sfp8" and fmt.name != "sfp8":
-        raise SafetensorsExportError(f"--layout sfp8 needs an sfp8 checkpoint, this one is {fmt.name}")
-    dtype = dtype or ("f32" if layout == "unquantized" else "bf16")
-    if dtype not in DTYPES:
-        raise SafetensorsExportError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    store = DTYPES[dtype]
-    if layout == "unquantized" and dtype == "f16" and fmt.name == "sfp8":
-        raise SafetensorsExportError("f16 cannot hold SFP8's smallest values (below fp16's subnormal step); use f32")
-    ckpt.require_tokenizer_model()
+def _encode(t: TensorPlan, latent: torch.Tensor, fmt: WeightFormat) -> list[torch.Tensor]:
+    """The output tensors of one checkpoint tensor of kind copy, packed or codes, in the order of ``t.stored``."""
+    if t.kind == "copy":
+        return [latent.to(t.stored[0].dtype)]
+    qw = fmt.quantize(latent)
+    if t.kind == "packed":
+        return [pack_int4(qw.codes), qw.scales.to(torch.float32), torch.tensor(list(latent.shape), dtype=torch.int64)]
+    return [qw.codes, qw.scales.to(fmt.scale_dtype).reshape(t.stored[1].shape)]
 
+
+def export_safetensors(checkpoint: str | Path, output: str | Path, *, layout: str | None = UNQUANTIZED,
+                       dtype: str | None = None, force: bool = False, dry_run: bool = False,
+                       max_shard_bytes: int = 5 * 10**9, log: Callable[[str], None] | None = print,
+                       plain_type: str | None = None, embedding_type: str | None = None,
+                       lossy: bool = False) -> SafetensorsPlan:
+    """Write ``checkpoint`` (a QAT checkpoint) to the directory ``output`` in ``layout``; return the plan.
+
+    See the module docstring for the layouts (None: unquantized). ``dry_run``: validate and plan, write nothing.
+    ``output`` obeys the exporters' rule (refused if it exists without ``force`` or is a file, or if its parent
+    does not exist).
+    ``plain_type`` (``--type``), ``embedding_type`` and ``lossy`` are ``--to gguf`` options, taken only to refuse
+    them (pass None/False when not given).
+    """
+    refuse_flags("safetensors", type=plain_type, embedding_type=embedding_type, lossy=lossy)
+    layout = layout or UNQUANTIZED
+    ckpt = Checkpoint(checkpoint, verify=not dry_run)  # a dry run checks sizes and headers, not checksums
+    plan = plan_safetensors_export(ckpt, Path(output), layout=layout, dtype=dtype)
+    ckpt.require_tokenizer_model()
+    if dry_run:
+        return plan
+    check_output(plan.path, force=force, directory=True, make_parents=False)
+    fmt, store = get_format(plan.format), DTYPES[plan.dtype]
     metadata = {"format": "pt", "gemma3_qat.version": __version__, "gemma3_qat.format": fmt.name,
                 "gemma3_qat.layout": layout}
-    if layout == "sfp8":
-        metadata.update(SFP8_METADATA)
+    if layout == fmt.name:
+        metadata.update(fmt.safetensors_metadata)
     ignore = ["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*", "re:.*embed_tokens.*"]
     inexact = []
-    with atomic_directory(output, force=force) as tmp:
+    with atomic_directory(plan.path, force=force, make_parents=False) as tmp:
         writer = _ShardWriter(tmp, max_shard_bytes, metadata)
-        for name in ckpt.names():
-            if name == "lm_head.weight":
-                continue  # tied to the embedding
-            out_name = legacy_name(name) if ckpt.multimodal else name
-            latent = ckpt.read(name)
-            if not _is_quantized(name, ckpt):
-                writer.add(out_name, latent.to(store) if latent.is_floating_point() and layout != "sfp8" else latent)
-                continue
-            if layout == "unquantized" or (layout == "compressed-tensors" and "embed_tokens" in name):
+        for t in plan.tensors:
+            latent = ckpt.read(t.hf_name)
+            if t.kind == "values":
                 values = fmt.fake_quantize_values(latent)
-                stored = values.to(store)
-                if store != torch.float32 and not torch.equal(stored.float(), values):
-                    inexact.append(name)
-                writer.add(out_name, stored)
-            elif layout == "compressed-tensors":
-                qw = fmt.quantize(latent)
-                base = out_name.removesuffix(".weight")
-                writer.add(base + ".weight_packed", pack_int4(qw.codes))
-                writer.add(base + ".weight_scale", qw.scales.to(torch.float32))
-                writer.add(base + ".weight_shape", torch.tensor(list(latent.shape), dtype=torch.int64))
-            else:  # sfp8
-                qw = fmt.quantize(latent)
-                writer.add(out_name.removesuffix(".weight") + ".sfp8_codes", qw.codes)
-                writer.add(out_name.removesuffix(".weight") + ".sfp8_scale", qw.scales.reshape(1))
+                tensors = [values.to(store)]
+                if store != torch.float32 and not torch.equal(tensors[0].float(), values):
+                    inexact.append(t.hf_name)
+            else:
+                tensors = _encode(t, latent, fmt)
+            for want, tensor in zip(t.stored, tensors, strict=True):
+                if tensor.dtype != want.dtype or tuple(tensor.shape) != want.shape:
+                    raise SafetensorsExportError(f"internal error: {want.name} is {tensor.dtype} "
+                                                 f"{tuple(tensor.shape)}, planned {want.dtype} {want.shape}")
+                writer.add(want.name, tensor)
         writer.close()
 
         config = dict(ckpt.config)
@@ -179,18 +280,19 @@ def export_safetensors(checkpoint: str | Path, output: str | Path, *, layout: st
         config["dtype"] = "bfloat16"
         if ckpt.multimodal and "text_config" in config:
             config["text_config"] = {**config["text_config"], "dtype": "bfloat16"}
-        if layout == "compressed-tensors":
-            config["quantization_config"] = _compressed_tensors_config(fmt.name, ignore)
+        if layout == COMPRESSED_TENSORS:
+            config["quantization_config"] = _compressed_tensors_config(fmt, ignore)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_tokenizer_files(ckpt.path, tmp)
         qat = json.loads((ckpt.path / QAT_JSON).read_text())
-        (tmp / QAT_JSON).write_text(json.dumps({**qat, "export": {"layout": layout, "dtype": dtype}}, indent=2) + "\n")
+        (tmp / QAT_JSON).write_text(json.dumps({**qat, "export": {"layout": layout, "dtype": plan.dtype}}, indent=2)
+                                    + "\n")
     if inexact and log:
-        log(f"warning: {len(inexact)} quantized tensors are not exact in {dtype} (e.g. {inexact[0]}); "
-            "llama.cpp re-quantization of this file will not be lossless" if dtype == "bf16" else
-            f"note: {len(inexact)} tensors rounded to {dtype}; llama.cpp's Q4_0 still re-quantizes them to the "
+        log(f"warning: {len(inexact)} quantized tensors are not exact in {plan.dtype} (e.g. {inexact[0]}); "
+            "llama.cpp re-quantization of this file will not be lossless" if plan.dtype == "bf16" else
+            f"note: {len(inexact)} tensors rounded to {plan.dtype}; llama.cpp's Q4_0 still re-quantizes them to the "
             "trained bytes (F32 keeps the exact values)")
-    return Path(output)
+    return plan
 
 
 def load_sfp8(directory: str | Path) -> dict[str, torch.Tensor]:

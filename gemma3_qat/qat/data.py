@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +53,11 @@ class DataSource:
 
 
 def load_documents(source: DataSource):
-    """A ``datasets.Dataset`` with a ``text`` or a ``messages`` column."""
+    """A ``datasets.Dataset`` with a ``text`` or a ``messages`` column.
+
+    A local file that ``datasets`` cannot read is a one-line ``DataError`` naming the file and, for JSON, the
+    first bad line (found by ``_find_bad_json_line`` only after a failure: the happy path reads the file once).
+    """
     import datasets
 
     path = Path(source.path)
@@ -64,7 +70,19 @@ def load_documents(source: DataSource):
         if path.stat().st_size == 0:
             raise DataError(f"{path} is empty")
         kwargs = {"sample_by": "document"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        # the JSON builder logs its parse error before raising it: our one line replaces that line
+        json_logger = logging.getLogger("datasets.packaged_modules.json.json")
+        level = json_logger.level
+        json_logger.setLevel(logging.CRITICAL)
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        except Exception as e:  # datasets wraps the parser's error in DatasetGenerationError; find the real one
+            if builder == "json" and (bad := _find_bad_json_line(path)):
+                raise DataError(bad) from e
+            raise DataError(f"{path}: cannot be read as {path.suffix} data ({_innermost(e)}); check that it is a "
+                            f"valid {path.suffix} file") from e
+        finally:
+            json_logger.setLevel(level)
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", source.path):
         try:
             ds = datasets.load_dataset(source.path, split="train")
@@ -76,8 +94,103 @@ def load_documents(source: DataSource):
     if len(ds) == 0:
         raise DataError(f"{source.path} holds no rows")
     if "text" not in ds.column_names and "messages" not in ds.column_names:
-        raise DataError(f"{source.path} has no 'text' or 'messages' field; fields found: {', '.join(ds.column_names)}")
+        raise DataError(f"{source.path} has no 'text' or 'messages' field; fields found: "
+                        f"{', '.join(ds.column_names)}")
     return ds
+
+
+def _innermost(exc: BaseException) -> str:
+    """The first line of the innermost cause: ``datasets`` says only "An error occurred while generating ..."."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        exc = inner
+        seen.add(id(exc))
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
+_EXPECTED = ('expected {"text": "..."} or {"messages": [{"role": "user", "content": "..."}, ...]}')
+
+
+def _find_bad_json_line(path: Path) -> str | None:
+    """The first line of a JSON Lines file that is not a JSON object or whose row does not match the others'
+    fields' kinds (what made ``datasets`` fail), as a message; None if every line is fine."""
+    kinds: dict[str, str] = {}
+    with open(path, "rb") as f:
+        if f.read(4096).lstrip()[:1] == b"[":  # one JSON document, an array of rows, rather than JSON Lines
+            f.seek(0)
+            try:
+                rows = json.loads(f.read().decode("utf-8"))
+            except json.JSONDecodeError as e:
+                return f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}); {_EXPECTED}"
+            except UnicodeDecodeError:
+                return f"{path}: not UTF-8 text; save it as UTF-8"
+            for i, row in enumerate(rows):
+                if problem := (_row_problem(row) if isinstance(row, dict) else f"a JSON {type(row).__name__}, "
+                               f"not an object; {_EXPECTED}"):
+                    return f"{path} row {i + 1}: {problem}"
+            return None
+        f.seek(0)
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.rstrip(b"\r\n").decode("utf-8"))
+            except UnicodeDecodeError:
+                return f"{path} line {lineno}: not UTF-8 text; save the file as UTF-8"
+            except json.JSONDecodeError as e:
+                return f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno}); {_EXPECTED}"
+            if not isinstance(row, dict):
+                return f"{path} line {lineno}: a JSON {type(row).__name__}, not an object; {_EXPECTED}"
+            if problem := _row_problem(row):
+                return f"{path} line {lineno}: {problem}"
+            for key, value in row.items():  # datasets needs one kind per field across the file
+                kind = _json_kind(value)
+                if kind != "null" and kinds.setdefault(key, kind) != kind:
+                    return (f"{path} line {lineno}: field {key!r} is a {kind}, earlier lines have a "
+                            f"{kinds[key]}; give it the same kind on every line")
+    return None
+
+
+def _json_kind(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def _row_problem(example: dict) -> str | None:
+    """What is wrong with a row, in words (None if it can be rendered): the checks ``_render`` relies on."""
+    messages, text = example.get("messages"), example.get("text")
+    if messages is not None and messages != []:
+        if not isinstance(messages, list):
+            return f"'messages' is a {_json_kind(messages)}, expected a list of {{role, content}} objects"
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                return f"message {j + 1} has no 'role' string; expected {{\"role\": ..., \"content\": \"...\"}}"
+            content = m.get("content")
+            if not isinstance(content, str) and not (isinstance(content, list) and all(
+                    isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                    for p in content)):
+                return (f"message {j + 1} ({m['role']}): 'content' is a {_json_kind(content)}, expected a string "
+                        "(or a list of {\"type\": \"text\", \"text\": \"...\"} parts)")
+        return None
+    if text is None:
+        return f"no 'text' and no 'messages'; {_EXPECTED}"
+    if not isinstance(text, str):
+        return f"'text' is a {_json_kind(text)}, expected a string"
+    return None
+
+
+def _where(path: str | None, row: int) -> str:
+    """"FILE line N" for a JSON Lines file (``datasets`` skips blank lines, so rows and lines can differ), else
+    "FILE row N"; only computed for an error."""
+    name = path or "data"
+    if path and Path(path).suffix == ".jsonl" and Path(path).is_file():
+        with open(path, "rb") as f:
+            seen = -1
+            for lineno, raw in enumerate(f, 1):
+                seen += bool(raw.strip())
+                if seen == row:
+                    return f"{name} line {lineno}"
+    return f"{name} row {row + 1}"
 
 
 def is_validation(text: str, percent: float) -> bool:
@@ -88,16 +201,28 @@ _MODEL_TURN = re.compile(r"<start_of_turn>model\n(.*?<end_of_turn>)", re.S)
 
 
 def _render(example: dict, tokenizer) -> str:
-    if "messages" in example and example.get("messages"):
-        return tokenizer.apply_chat_template(example["messages"], tokenize=False)
+    """The document's text: a chat row through the tokenizer's chat template, else BOS + text + EOS. A row that
+    cannot be rendered is a ``DataError`` saying what was expected (the caller adds the file and line)."""
+    if problem := _row_problem(example):
+        raise DataError(problem)
+    if example.get("messages"):
+        try:
+            return tokenizer.apply_chat_template(example["messages"], tokenize=False)
+        except Exception as e:  # the template's own checks, e.g. "roles must alternate user/assistant"
+            raise DataError(f"the chat template rejects these messages ({_innermost(e)})") from None
     return (tokenizer.bos_token or "") + example["text"] + (tokenizer.eos_token or "")
 
 
-def tokenize_documents(ds, tokenizer, *, assistant_only: bool = False):
-    """Columns ``input_ids`` and ``loss_mask`` (1 = a target token), and ``text`` (the rendered document)."""
+def tokenize_documents(ds, tokenizer, *, assistant_only: bool = False, path: str | None = None):
+    """Columns ``input_ids`` and ``loss_mask`` (1 = a target token), and ``text`` (the rendered document).
 
-    def encode(example):
-        text = _render(example, tokenizer)
+    ``path``: the source's file or id, named in the error for a row that cannot be rendered."""
+
+    def encode(example, row):
+        try:
+            text = _render(example, tokenizer)
+        except DataError as e:  # name the file and line only when it is needed (a scan of the file)
+            raise DataError(f"{_where(path, row)}: {e}") from None
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=assistant_only)
         ids = enc["input_ids"]
         if assistant_only and "messages" in example and example.get("messages"):
@@ -107,7 +232,11 @@ def tokenize_documents(ds, tokenizer, *, assistant_only: bool = False):
             mask = [1] * len(ids)
         return {"input_ids": ids, "loss_mask": mask, "rendered": text}
 
-    return ds.map(encode, remove_columns=ds.column_names, desc="tokenizing")
+    try:
+        return ds.map(encode, with_indices=True, remove_columns=ds.column_names, desc="tokenizing")
+    except UnicodeDecodeError:  # pyarrow's JSON reader keeps invalid UTF-8; decoding a row is where it shows
+        bad = _find_bad_json_line(Path(path)) if path and Path(path).suffix in (".json", ".jsonl") else None
+        raise DataError(bad or f"{path or 'data'}: not UTF-8 text; save it as UTF-8") from None
 
 
 @dataclass
@@ -141,7 +270,8 @@ def build_data(sources: list[DataSource], tokenizer, seq_len: int, *, validation
     """Train and validation rows of every source, packed."""
     train_parts, valid_parts = [], []
     for i, src in enumerate(sources):
-        docs = tokenize_documents(load_documents(src), tokenizer, assistant_only=assistant_only)
+        docs = tokenize_documents(load_documents(src), tokenizer, assistant_only=assistant_only,
+                                  path=src.path)
         in_valid = [is_validation(t, validation_percent) for t in docs["rendered"]]
         if len(docs) >= 2 and not any(in_valid):
             in_valid[-1] = True  # at least one validation document per source
@@ -186,3 +316,39 @@ class MixtureSampler:
             perm = np.random.default_rng([self.seed, self.sources[src_pos], pass_index]).permutation(len(rows))
             out.append(int(rows[perm[within]]))
         return torch.tensor(out, dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------------------- one run's data
+
+
+@dataclass
+class RunData:
+    """What a training run and a teacher cache built for it must agree on: the sources, the tokenizer and the
+    packed rows (the cache's fingerprint hashes these rows)."""
+
+    model_source: str  # local dir or hub id of the student's starting checkpoint
+    teacher_source: str  # the unquantized reference (default: the model)
+    tokenizer_dir: str  # local directory with the tokenizer files (downloaded for a hub id)
+    tokenizer: object
+    sources: list[DataSource]
+    train: PackedData
+    valid: PackedData
+
+
+def setup_run_data(config, log=print) -> RunData:
+    """The run setup shared by ``train`` and ``teacher-cache``, from a ``TrainConfig`` (duck-typed: ``model``,
+    ``teacher``, ``data``, ``seq_len``, ``validation_percent``, ``assistant_only``). No ``model`` = the embedded
+    default model; no ``data`` = its sample data."""
+    from gemma3_qat.assets import sample_data_specs
+    from gemma3_qat.checkpoint import local_tokenizer_dir
+    from gemma3_qat.models import resolve_model
+    from gemma3_qat.tokenizer import load_tokenizer
+
+    model_source = resolve_model(config.model)
+    teacher_source = resolve_model(config.teacher) if config.teacher else model_source
+    tokenizer_dir = local_tokenizer_dir(model_source)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    sources = [DataSource.parse(s) for s in (config.data or sample_data_specs())]
+    train, valid = build_data(sources, tokenizer, config.seq_len, validation_percent=config.validation_percent,
+                              assistant_only=config.assistant_only, log=log)
+    return RunData(model_source, teacher_source, tokenizer_dir, tokenizer, sources, train, valid)

@@ -150,14 +150,46 @@ def distillation_loss(student_logits, labels, config: KDConfig, *, teacher_logit
 
 
 @torch.no_grad()
-def agreement_metrics(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Sums over valid positions: KL(teacher || student), top-1 agreement, student NLL; and the count."""
+def token_metrics(student_logits: torch.Tensor, labels: torch.Tensor, *, teacher_logits: torch.Tensor | None = None,
+                  teacher_top1: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """THE definitions of the agreement metrics, per position (inputs aligned as by ``shift_for_next_token``):
+
+    * ``nll``  the student's negative log-likelihood of the label (natural log; perplexity = exp of its mean);
+    * ``kl``   KL(teacher || student) over the full vocabulary (needs ``teacher_logits``);
+    * ``top1`` 1 where the student's most likely id is the teacher's (``teacher_logits``, or the teacher's top-1
+               ids ``teacher_top1`` as a teacher cache stores them);
+    * ``mask`` the positions whose label is not -100 (the others hold meaningless values: sum under the mask).
+
+    The trainer's validation, ``evaluate`` and the embedded model's pretraining all use it, so a number means the
+    same thing wherever it is printed.
+    """
     mask = labels != -100
     s = F.log_softmax(student_logits.float(), dim=-1)
-    t = F.log_softmax(teacher_logits.float(), dim=-1)
-    kl = (t.exp() * (t - s)).sum(-1)
-    top1 = (s.argmax(-1) == t.argmax(-1)).float()
-    nll = -s.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return {"kl_sum": float((kl * mask).sum()), "top1_sum": float((top1 * mask).sum()),
-            "nll_sum": float((nll * mask).sum()), "count": int(mask.sum()),
-            "kl_values": kl[mask].float().cpu()}
+    out = {"mask": mask, "nll": -s.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)}
+    if teacher_logits is not None:
+        t = F.log_softmax(teacher_logits.float(), dim=-1)
+        out["kl"] = (t.exp() * (t - s)).sum(-1)
+        teacher_top1 = t.argmax(-1)
+    if teacher_top1 is not None:
+        out["top1"] = (s.argmax(-1) == teacher_top1).float()
+    return out
+
+
+def teacher_dtype(cuda: bool) -> torch.dtype:
+    """The live teacher's dtype: bf16 on CUDA, fp32 on the CPU (``load_teacher``; the memory model asks this too)."""
+    return torch.bfloat16 if cuda else torch.float32
+
+
+def load_teacher(source: str, device: torch.device | None = None):
+    """The teacher: the unquantized checkpoint, frozen, in eval mode; bf16 on CUDA (the released checkpoints'
+    dtype), fp32 on the CPU (bf16 matmuls there are slow and gain nothing). ``device`` None: spread over the
+    visible GPUs (``device_map="auto"``, for a teacher cache of a model larger than one GPU) or the CPU."""
+    from gemma3_qat.models import load_gemma3
+
+    cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    dtype = teacher_dtype(cuda)
+    if device is None:
+        teacher = load_gemma3(source, dtype=dtype, **({"device_map": "auto"} if cuda else {}))
+    else:
+        teacher = load_gemma3(source, dtype=dtype).to(device)
+    return teacher.eval().requires_grad_(False)

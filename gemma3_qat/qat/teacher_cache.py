@@ -124,27 +124,18 @@ class TeacherCache:
 
 
 def build_from_config(config, output: str | Path, *, force: bool = False, batch_size: int = 8, log=print) -> Path:
-    """``gemma3-qat teacher-cache``: the same model/data/KD flags as ``train``; writes the cache atomically."""
-    from gemma3_qat.assets import sample_data_specs
+    """``gemma3-qat teacher-cache``: the same model/data/KD flags as ``train`` (the same run setup,
+    ``data.setup_run_data``, so the fingerprints agree); writes the cache atomically."""
     from gemma3_qat.checkpoint import atomic_directory
-    from gemma3_qat.models import load_gemma3, resolve_model
-    from gemma3_qat.qat.data import DataSource, build_data
-    from gemma3_qat.qat.train import _local_dir
-    from gemma3_qat.tokenizer import load_tokenizer
+    from gemma3_qat.qat.data import setup_run_data
+    from gemma3_qat.qat.distill import load_teacher
 
-    model_source = resolve_model(config.model)
-    teacher_source = resolve_model(config.teacher) if config.teacher else model_source
-    tokenizer = load_tokenizer(_local_dir(model_source))
-    sources = [DataSource.parse(s) for s in (config.data or sample_data_specs())]
-    train_data, valid_data = build_data(sources, tokenizer, config.seq_len, validation_percent=config.validation_percent,
-                                        assistant_only=config.assistant_only, log=log)
+    run = setup_run_data(config, log=log)
     kd = config.kd_config
-    fp = fingerprint(teacher_source, train_data, valid_data, kd)
-    cuda = torch.cuda.is_available()
-    teacher = load_gemma3(teacher_source, dtype=torch.bfloat16 if cuda else torch.float32,
-                          **({"device_map": "auto"} if cuda else {})).eval()
+    fp = fingerprint(run.teacher_source, run.train, run.valid, kd)
+    teacher = load_teacher(run.teacher_source)
     with atomic_directory(output, force=force) as tmp:
-        build_teacher_cache(teacher, train_data, valid_data, kd, tmp, fp, batch_size=batch_size, log=log)
+        build_teacher_cache(teacher, run.train, run.valid, kd, tmp, fp, batch_size=batch_size, log=log)
     meta = json.loads((Path(output) / META).read_text())
     log(f"teacher cache: {output} ({meta['bytes_per_token']} bytes per token, k = {meta['k']})")
     return Path(output)

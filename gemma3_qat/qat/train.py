@@ -4,7 +4,9 @@
     accelerate launch --config_file recipes/accelerate/fsdp-8gpu.yaml -m gemma3_qat.cli train \\
         --recipe recipes/gemma3-27b-int4-block.yaml
 
-Features and their flags (every recipe key is a flag too):
+Features and their flags (every recipe key is a flag too, except the five in ``RECIPE_ONLY_KEYS``, which are
+tuning knobs set in a recipe: ``validation_percent``, ``min_lr_ratio``, ``fake_quant_cache``, ``eval_rows``,
+``keep_checkpoints``):
 * formats ``--format int4-block|int4-channel|sfp8``, ``--quantize-embeddings`` (the tied table, lookup and head)
 * KD ``--kd full|sampled|topk``, ``--kd-k``, ``--kd-temperature``, ``--kd-alpha`` (mix in the next-token loss)
 * teacher: live (frozen, eval mode; bf16 on CUDA, fp32 on CPU) or ``--teacher-cache DIR`` (no teacher in memory)
@@ -12,9 +14,13 @@ Features and their flags (every recipe key is a flag too):
   ``--assistant-only``
 * AdamW, warmup + cosine, gradient clipping, gradient accumulation, bf16 autocast on CUDA, gradient checkpointing
 * accelerate: one process on CPU or GPU, DDP, FSDP (configs in ``recipes/accelerate/``)
-* checkpoints every ``--save-every`` steps and on SIGINT/SIGTERM, atomic, each a valid QAT checkpoint; ``--resume``
+* checkpoints every ``--save-every`` steps and on SIGINT/SIGTERM, atomic, each a valid QAT checkpoint with a
+  ``manifest.json`` (size and SHA-256 per file); ``--resume`` continues from the newest checkpoint that verifies,
+  naming those it skips and why
 * logs: progress bar, ``metrics.jsonl`` (loss, KD and CE apart, lr, tokens/s, grad norm, peak memory), periodic
-  validation (KL to teacher, top-1 agreement, perplexity); ``--log-with tensorboard|wandb``
+  validation (the same keys whatever the teacher: ``val_kl`` KL to the teacher, None with a teacher cache,
+  which holds no full distribution; ``val_kd_loss`` the KD objective; ``val_top1``; ``val_ppl``);
+  ``--log-with tensorboard|wandb``
 
 Under bf16 autocast the fake-quantized weight is rounded to bf16 before the matmul: int4 values ``k * D`` need up
 to 14 significant bits, so training then sees values within 2**-9 relative of the runtime's (see the README).
@@ -37,15 +43,33 @@ import torch
 import yaml
 
 from gemma3_qat import __version__
-from gemma3_qat.checkpoint import QAT_JSON, QATMetadata, copy_tokenizer_files
+from gemma3_qat.checkpoint import (MANIFEST, QAT_JSON, TRAIN_CONFIG, QATMetadata, default_output, latest_run,
+                                   verify_manifest, write_manifest, write_qat_checkpoint)
+from gemma3_qat.errors import CorruptFileError, Gemma3QATError, InputError, MissingFileError, OutputExistsError
 from gemma3_qat.formats import FormatError, get_format
-from gemma3_qat.qat.data import DataSource, MixtureSampler, build_data
-from gemma3_qat.qat.distill import KDConfig, agreement_metrics, distillation_loss, shift_for_next_token, sparse_target
-from gemma3_qat.errors import Gemma3QATError, InputError, MissingFileError, OutputExistsError
+from gemma3_qat.qat.data import MixtureSampler, setup_run_data
+from gemma3_qat.qat.distill import (KDConfig, distillation_loss, kd_loss_per_token, load_teacher,
+                                    shift_for_next_token, sparse_target, token_metrics)
+
+__all__ = ["QATRecipe", "TrainConfig", "TrainingError", "TrainingStopped", "latest_run", "resolve_recipe", "train"]
+
+TRAINER_STATE = "trainer_state.json"  # in checkpoints/step-N/trainer/, next to accelerate's state: step and seed
+RECIPE_ONLY_KEYS = ("validation_percent", "min_lr_ratio", "fake_quant_cache", "eval_rows", "keep_checkpoints")
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "assets" / "default-recipe.yaml"
 
 
 class TrainingError(Gemma3QATError, RuntimeError):
     """Training cannot go on (NaN loss, a mismatched teacher cache, ...); the message says what to do."""
+
+
+class TrainingStopped(Gemma3QATError):
+    """SIGINT/SIGTERM asked for a clean stop: a checkpoint was saved and the run can go on with ``--resume``.
+
+    Not a ``KeyboardInterrupt``: code around ``train`` reads that as an abort anywhere, mid-write included, while
+    this stop is orderly and says how to go on. The CLI prints the message and exits with ``exit_code`` (130, the
+    shell's code for a stop by SIGINT)."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -134,22 +158,40 @@ def load_recipe(path: Path) -> dict:
     return values
 
 
-def default_output(config: TrainConfig) -> Path:
-    name = Path(config.model).name if config.model else "default"
-    return Path("runs") / f"{name}-{config.format}-{time.strftime('%Y%m%d-%H%M%S')}"
+def resolve_recipe(recipe: str | Path | None, model: str | None) -> str | Path | None:
+    """The recipe a ``train`` or ``teacher-cache`` run uses: the one given; with neither a recipe nor a model, the
+    embedded default model's tuned recipe (its lr, steps and batch); a model without a recipe: the TrainConfig
+    defaults (the 5,000-step settings of the release recipes)."""
+    if recipe is None and model is None:
+        return DEFAULT_RECIPE
+    return recipe
 
 
-def latest_run(root: Path = Path("runs")) -> Path | None:
-    runs = [p.parent for p in root.glob(f"*/{QAT_JSON}")]
-    return max(runs, key=lambda p: (p / QAT_JSON).stat().st_mtime) if runs else None
+def mixed_precision_for(setting: str, cuda: bool) -> str:
+    """``--mixed-precision auto``: bf16 autocast on CUDA, none on the CPU (the memory model asks this too)."""
+    return ("bf16" if cuda else "no") if setting == "auto" else setting
+
+
+def fake_quant_cache_on(setting: str, is_fsdp: bool) -> bool:
+    """``fake_quant_cache: auto``: on, except under FSDP (the memory model asks this too)."""
+    return {"auto": not is_fsdp, "on": True, "off": False}[setting]
 
 
 def _peak_memory_mb(device: torch.device) -> float:
+    """This process's peak: the CUDA allocator's on a GPU; on the CPU the resident set's high-water mark VmHWM.
+    Not ``ru_maxrss``: Linux carries it over fork + exec, so a run started by another process (pytest, a
+    launcher) would report that parent's peak; the benchmarks and the memory tests read VmHWM too."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):  # not Linux
+        import resource
+        import sys
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
 class QATRecipe:
@@ -161,13 +203,10 @@ class QATRecipe:
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
+        """Accelerator, output check, then data, student, teacher and optimizer (each its own step, as in
+        torchtune's recipes); every input is validated before the run directory is written."""
         from accelerate import Accelerator
         from accelerate.utils import set_seed
-
-        from gemma3_qat.assets import sample_data_specs
-        from gemma3_qat.models import load_gemma3, resolve_model
-        from gemma3_qat.qat.prepare import prepare
-        from gemma3_qat.tokenizer import load_tokenizer
 
         import datasets
 
@@ -175,9 +214,7 @@ class QATRecipe:
         # save_state drops the tied head (lm_head = embed_tokens) and warns each time: expected for Gemma 3
         logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
         c = self.config
-        mixed = c.mixed_precision
-        if mixed == "auto":
-            mixed = "bf16" if torch.cuda.is_available() else "no"
+        mixed = mixed_precision_for(c.mixed_precision, torch.cuda.is_available())
         self.accelerator = acc = Accelerator(mixed_precision=mixed, log_with=c.log_with or None,
                                              project_dir=c.output)
         if not acc.is_main_process:
@@ -185,16 +222,34 @@ class QATRecipe:
         self.device = acc.device
         self.is_fsdp = acc.distributed_type.name == "FSDP"
         self.output = self._check_output()
+        if self.resume:  # damaged checkpoints are named before minutes of model loading, not after
+            self._resume_candidates = self._verified_checkpoints()
         set_seed(c.seed)
 
-        self.model_source = resolve_model(c.model)
-        self.teacher_source = resolve_model(c.teacher) if c.teacher else self.model_source
-        self.tokenizer_dir = _local_dir(self.model_source)
-        self.tokenizer = load_tokenizer(self.tokenizer_dir)
-        self.data_sources = [DataSource.parse(s) for s in (c.data or sample_data_specs())]
-        self.train_data, self.valid_data = build_data(
-            self.data_sources, self.tokenizer, c.seq_len, validation_percent=c.validation_percent,
-            assistant_only=c.assistant_only, log=self.log)
+        self._setup_data()
+        student = self._setup_student()
+        self._create_output()  # model, data and flags are valid: now the run directory may be written
+        self._setup_teacher()
+        optimizer = self._setup_optimizer(student)
+        self.student, self.optimizer = acc.prepare(student, optimizer)
+        self.step = 0
+        if self.resume:
+            self._resume_from_checkpoint()
+        if acc.is_main_process:
+            (self.output / TRAIN_CONFIG).write_text(yaml.safe_dump(asdict(c), sort_keys=False))
+        if c.log_with:
+            acc.init_trackers("gemma3-qat", config=asdict(c))
+        self._install_signal_handlers()
+
+    def _setup_data(self) -> None:
+        """Sources, tokenizer and packed rows (``data.setup_run_data``, shared with the teacher cache), the
+        mixture sampler, and the gradient accumulation that makes up the global batch."""
+        c, acc = self.config, self.accelerator
+        run = setup_run_data(c, log=self.log)
+        self.model_source, self.teacher_source, self.tokenizer_dir = run.model_source, run.teacher_source, \
+            run.tokenizer_dir
+        self.tokenizer, self.data_sources = run.tokenizer, run.sources
+        self.train_data, self.valid_data = run.train, run.valid
         self.sampler = MixtureSampler(self.train_data, [s.weight for s in self.data_sources], c.seed)
         per_step = acc.num_processes * c.micro_batch_size
         if c.batch_size % per_step:
@@ -202,28 +257,37 @@ class QATRecipe:
                              f"= {acc.num_processes} x {c.micro_batch_size}")
         self.accumulation = c.batch_size // per_step
 
-        student = load_gemma3(self.model_source, dtype=torch.float32)  # fp32 master (latent) weights
+    def _setup_student(self):
+        """The student: fp32 master (latent) weights, fake-quantized in the run's format."""
+        from gemma3_qat.models import load_gemma3
+        from gemma3_qat.qat.prepare import prepare
+
+        c = self.config
+        student = load_gemma3(self.model_source, dtype=torch.float32)
         context = student.config.get_text_config().max_position_embeddings
         if c.seq_len > context:
             raise InputError(f"--seq-len {c.seq_len} is beyond the model's context of {context} tokens")
-        cache = {"auto": not self.is_fsdp, "on": True, "off": False}[c.fake_quant_cache]
+        cache = fake_quant_cache_on(c.fake_quant_cache, self.is_fsdp)
         self.prepare_report = prepare(student, c.format, quantize_embeddings=c.quantize_embeddings, cache=cache)
         if c.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.config.use_cache = False
+        return student
 
-        self._create_output()  # model, data and flags are valid: now the run directory may be written
+    def _setup_teacher(self) -> None:
+        """A live teacher (``distill.load_teacher``) or a teacher cache checked against this run's fingerprint."""
         self.teacher = None
         self.teacher_cache = None
-        if c.teacher_cache:
+        if self.config.teacher_cache:
             from gemma3_qat.qat.teacher_cache import TeacherCache
 
-            self.teacher_cache = TeacherCache.open(c.teacher_cache, expected=self._cache_fingerprint())
+            self.teacher_cache = TeacherCache.open(self.config.teacher_cache, expected=self._cache_fingerprint())
         else:
-            teacher_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            self.teacher = load_gemma3(self.teacher_source, dtype=teacher_dtype).to(self.device).eval()
-            self.teacher.requires_grad_(False)
+            self.teacher = load_teacher(self.teacher_source, self.device)
 
+    def _setup_optimizer(self, student) -> torch.optim.Optimizer:
+        """AdamW (no weight decay on norms and other vectors) and warmup + cosine."""
+        c, acc = self.config, self.accelerator
         decay = [p for p in student.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in student.parameters() if p.requires_grad and p.dim() < 2]
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
@@ -232,15 +296,7 @@ class QATRecipe:
         # per process per call (it assumes per-process batches): keep it ours, and checkpoint it with the rest.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         acc.register_for_checkpointing(self.scheduler)
-        self.student, self.optimizer = acc.prepare(student, optimizer)
-        self.step = 0
-        if self.resume:
-            self._load_last_checkpoint()
-        if acc.is_main_process:
-            (self.output / "train-config.yaml").write_text(yaml.safe_dump(asdict(c), sort_keys=False))
-        if c.log_with:
-            acc.init_trackers("gemma3-qat", config=asdict(c))
-        self._install_signal_handlers()
+        return optimizer
 
     def _lr_factor(self, step: int) -> float:
         c = self.config
@@ -252,19 +308,19 @@ class QATRecipe:
     def _check_output(self) -> Path:
         c = self.config
         if c.output is None:
-            previous = latest_run() if self.resume else None
-            c.output = str(previous or default_output(c))
+            previous = latest_run(finished=False) if self.resume else None
+            c.output = str(previous or default_output(c.model, c.format))
             if previous:
                 self.log(f"resuming the most recent run: {previous}")
         out = Path(c.output)
-        holds_run = (out / "train-config.yaml").exists()
+        holds_run = (out / TRAIN_CONFIG).exists()
         if holds_run and not (self.resume or self.force):
             raise OutputExistsError(f"{out} already holds a training run; pass --resume to continue it or --force to "
                                   "replace it")
         if self.resume and not holds_run:
             raise MissingFileError(f"nothing to resume in {out}: it holds no training run")
         if holds_run and self.resume:
-            previous = yaml.safe_load((out / "train-config.yaml").read_text())
+            previous = yaml.safe_load((out / TRAIN_CONFIG).read_text())
             for key in ("format", "model", "quantize_embeddings", "kd", "seq_len", "batch_size", "seed"):
                 if previous.get(key) != getattr(c, key):
                     raise InputError(f"--resume: {key} was {previous.get(key)!r} in {out}, now {getattr(c, key)!r}")
@@ -287,11 +343,18 @@ class QATRecipe:
             self.stop_requested = True
             self.log(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping")
 
+        self._previous_handlers = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                signal.signal(sig, request_stop)
+                self._previous_handlers[sig] = signal.signal(sig, request_stop)
             except ValueError:  # not the main thread
                 pass
+
+    def restore_signal_handlers(self) -> None:
+        """Give SIGINT/SIGTERM back (a library caller's Ctrl-C must not keep asking a finished run to stop)."""
+        for sig, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
 
     # ------------------------------------------------------------------------------------------------ one step
     def _targets(self, rows: torch.Tensor, input_ids: torch.Tensor):
@@ -344,13 +407,18 @@ class QATRecipe:
     # ------------------------------------------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self) -> dict:
+        """The same keys whatever the teacher source: ``val_kl`` (KL(teacher || student) over the vocabulary; None
+        with a teacher cache, which holds no full distribution), ``val_kd_loss`` (the run's KD objective: the same
+        targets live and cached, so the same number), ``val_top1`` (agreement with the teacher's top-1) and
+        ``val_ppl``. Definitions: ``distill.token_metrics``."""
         c, acc = self.config, self.accelerator
+        kd = c.kd_config
         rows = torch.arange(min(c.eval_rows, len(self.valid_data)))
         if len(rows) == 0:
             return {}
         mine = rows[acc.process_index::acc.num_processes]
         self.student.eval()
-        sums = torch.zeros(4, device=self.device)  # kl, top1, nll, count
+        sums = torch.zeros(5, device=self.device)  # kl, kd, top1, nll, count
         for micro in mine.split(c.micro_batch_size):
             input_ids = self.valid_data.input_ids[micro].to(self.device)
             labels = self.valid_data.labels[micro].to(self.device)
@@ -360,21 +428,22 @@ class QATRecipe:
             if self.teacher is not None:
                 with acc.autocast():
                     t_logits = self.teacher(input_ids=input_ids).logits[:, :-1]
-                m = agreement_metrics(logits, t_logits, shifted)
-                sums += torch.tensor([m["kl_sum"], m["top1_sum"], m["nll_sum"], m["count"]], device=self.device)
-            else:  # teacher cache: agreement on the cached top-1, cross-entropy to the cached target
+                m = token_metrics(logits, shifted, teacher_logits=t_logits)
+                target = None if kd.mode == "full" else sparse_target(t_logits, kd, sample_ids=micro)
+            else:  # the cached targets and top-1 ids of these validation rows
+                t_logits = None
                 target = self.teacher_cache.target(micro, split="valid", device=self.device)
-                top1 = self.teacher_cache.top1(micro, split="valid", device=self.device)
-                mask = shifted != -100
-                kd, _ = distillation_loss(logits, shifted, c.kd_config, target=target, normalizer=1.0)
-                nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), shifted, ignore_index=-100,
-                                                        reduction="sum")
-                agree = ((logits.argmax(-1) == top1) & mask).sum()
-                sums += torch.stack([kd.float(), agree.float(), nll.float(), mask.sum().float()])
+                m = token_metrics(logits, shifted,
+                                  teacher_top1=self.teacher_cache.top1(micro, split="valid", device=self.device))
+                m["kl"] = torch.zeros_like(m["nll"])
+            kd_loss = kd_loss_per_token(logits, kd, teacher_logits=t_logits, target=target)
+            mask = m["mask"].float()
+            sums += torch.stack([(m["kl"] * mask).sum(), (kd_loss * mask).sum(), (m["top1"] * mask).sum(),
+                                 (m["nll"] * mask).sum(), mask.sum()])
         sums = acc.reduce(sums, reduction="sum")
-        n = max(float(sums[3]), 1.0)
-        key = "val_kl" if self.teacher is not None else "val_kd_cache_ce"
-        return {key: float(sums[0]) / n, "val_top1": float(sums[1]) / n, "val_ppl": math.exp(float(sums[2]) / n)}
+        n = max(float(sums[4]), 1.0)
+        return {"val_kl": float(sums[0]) / n if self.teacher is not None else None, "val_kd_loss": float(sums[1]) / n,
+                "val_top1": float(sums[2]) / n, "val_ppl": math.exp(float(sums[3]) / n)}
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _metadata(self, metrics: dict) -> QATMetadata:
@@ -385,19 +454,9 @@ class QATRecipe:
             data=[f"{s.path}:{s.weight:g}" for s in self.data_sources], steps=self.step,
             kd=c.kd if c.steps else None, metrics=metrics, gemma3_qat_version=__version__)
 
-    def _write_qat_checkpoint(self, directory: Path, metrics: dict) -> None:
-        """Student latent weights (master dtype), config, tokenizer and qat.json into ``directory``."""
-        acc = self.accelerator
-        state_dict = acc.get_state_dict(self.student)
-        unwrapped = acc.unwrap_model(self.student)
-        if acc.is_main_process:
-            unwrapped.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
-            copy_tokenizer_files(self.tokenizer_dir, directory)
-            (directory / QAT_JSON).write_text(self._metadata(metrics).to_json())
-
     def save_checkpoint(self, metrics: dict) -> Path:
-        """checkpoints/step-NNNNNN: a QAT checkpoint plus the trainer state; written to a temp dir, then renamed.
-        The previous good checkpoints stay until the new one is complete."""
+        """checkpoints/step-NNNNNN: a QAT checkpoint plus the trainer state and a manifest; written to a temp dir,
+        then renamed. The previous good checkpoints stay until the new one is complete."""
         acc = self.accelerator
         root = self.output / "checkpoints"
         final = root / f"step-{self.step:06d}"
@@ -406,10 +465,12 @@ class QATRecipe:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        self._write_qat_checkpoint(tmp, metrics)
+        write_qat_checkpoint(self.student, tmp, self._metadata(metrics), self.tokenizer_dir, accelerator=acc)
         acc.save_state(str(tmp / "trainer"))
+        acc.wait_for_everyone()  # every process's part (RNG states, FSDP shards) is on disk before the manifest
         if acc.is_main_process:
-            (tmp / "trainer" / "trainer_state.json").write_text(json.dumps({"step": self.step, "seed": self.config.seed}))
+            (tmp / "trainer" / TRAINER_STATE).write_text(json.dumps({"step": self.step, "seed": self.config.seed}))
+            write_manifest(tmp)  # last: sizes and SHA-256 of every file, checked by --resume and the exporters
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             done = sorted(p for p in root.glob("step-*") if p.is_dir())
@@ -418,14 +479,82 @@ class QATRecipe:
         acc.wait_for_everyone()
         return final
 
-    def _load_last_checkpoint(self) -> None:
-        done = sorted(p for p in (self.output / "checkpoints").glob("step-*") if (p / "trainer").is_dir())
-        if not done:
+    @staticmethod
+    def _checkpoint_problem(path: Path) -> str | None:
+        """Why ``path`` cannot be resumed from (one short clause), or None: its manifest (every file's size and
+        checksum: the weights, optimizer and RNG states resume reads) and its trainer state."""
+        state = path / "trainer" / TRAINER_STATE
+        if not state.is_file():
+            return f"no trainer/{TRAINER_STATE}"
+        try:
+            verify_manifest(path)
+        except CorruptFileError as e:
+            return str(e).split("; ")[0].replace(f"{path}/", "")
+        try:
+            step = json.loads(state.read_text())["step"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            return f"trainer/{TRAINER_STATE} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]})"
+        if not isinstance(step, int) or path.name != f"step-{step:06d}":
+            return f"trainer/{TRAINER_STATE} says step {step!r}"
+        return None
+
+    def _verified_checkpoints(self) -> list[tuple[Path, str | None]]:
+        """Every checkpoint, newest first, with why it cannot be resumed from (None: it verifies). Refuses at once,
+        with the list, when none verifies."""
+        from accelerate.utils import broadcast_object_list
+
+        acc = self.accelerator
+        root = self.output / "checkpoints"
+        candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+        if not candidates:
             raise MissingFileError(f"nothing to resume in {self.output}: no complete checkpoint in checkpoints/")
-        last = done[-1]
-        self.accelerator.load_state(str(last / "trainer"))
-        self.step = json.loads((last / "trainer" / "trainer_state.json").read_text())["step"]
-        self.log(f"resumed from {last} (step {self.step})")
+        # one process checks (checksums read every byte), all load the same checkpoint
+        problems = broadcast_object_list(
+            [[self._checkpoint_problem(p) for p in candidates] if acc.is_main_process else None])[0]
+        if all(problems):
+            listed = "; ".join(f"{p.name}: {why}" for p, why in zip(candidates, problems))
+            raise CorruptFileError(f"nothing to resume in {self.output}: no checkpoint verifies ({listed}); "
+                                   "restore one, or start again with --force")
+        return list(zip(candidates, problems))
+
+    def _resume_from_checkpoint(self) -> None:
+        """Load the newest checkpoint that verifies; name each newer one skipped and why, or refuse with the list."""
+        skipped = []
+        for path, problem in self._resume_candidates:
+            if problem is None:
+                try:
+                    self.accelerator.load_state(str(path / "trainer"))
+                except Exception as e:  # noqa: BLE001 - a checkpoint without a manifest, torn: try the previous
+                    problem = f"its trainer state does not load ({type(e).__name__}: {str(e).splitlines()[0]})"
+            if problem is None:
+                break
+            skipped.append(f"{path.name}: {problem}")
+            self.log(f"--resume: skipping {path}: {problem}")
+        else:
+            raise CorruptFileError(f"nothing to resume in {self.output}: no checkpoint verifies "
+                                   f"({'; '.join(skipped)}); restore one, or start again with --force")
+        self.step = json.loads((path / "trainer" / TRAINER_STATE).read_text())["step"]
+        self._rewind_metrics()
+        self.log(f"resumed from {path} (step {self.step})" + (f", skipping {len(skipped)} newer damaged "
+                                                              f"checkpoint(s)" if skipped else ""))
+
+    def _rewind_metrics(self) -> None:
+        """Drop the metrics rows after the resumed step (they will be written again); keep the PTQ baseline of
+        step 0 for the final qat.json."""
+        path = self.output / "metrics.jsonl"
+        rows = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # a line cut by a kill
+                    continue
+        rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= self.step]
+        if rows and rows[0]["step"] == 0:
+            self.initial_validation = {k: v for k, v in rows[0].items() if k.startswith("val_")}
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process and path.exists():
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     # ------------------------------------------------------------------------------------------------ the loop
     def train(self) -> dict:
@@ -450,32 +579,34 @@ class QATRecipe:
         quiet = not acc.is_main_process or bool(os.environ.get("TQDM_DISABLE"))
         bar = tqdm(total=c.steps, initial=self.step, disable=quiet, desc=f"QAT {c.format}",
                    unit="step", dynamic_ncols=True)
-        while self.step < c.steps:
-            t_start = time.perf_counter()
-            try:
-                metrics = self.train_step()
-            except FormatError as e:  # weights blew up beyond what the format can hold
-                raise self._diverged(self.step + 1, str(e)) from None
-            self.step += 1
-            metrics["tokens_per_s"] = metrics["tokens"] / max(time.perf_counter() - t_start, 1e-9)
-            metrics["peak_mem_mb"] = _peak_memory_mb(self.device)
-            if not math.isfinite(metrics["loss"]):
-                raise self._diverged(self.step, f"loss became {metrics['loss']}")
-            if self.step % c.eval_every == 0 or self.step == c.steps:
-                last_val = self.validate()
-                metrics.update(last_val)
-            record({"step": self.step, "fake_quant": True, **metrics})
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                            **({"val_kl": f"{last_val['val_kl']:.4f}"} if "val_kl" in last_val else {}))
-            bar.update(1)
-            if self.step % c.save_every == 0 or self.stop_requested:
-                self.save_checkpoint(last_val)
-            if self.stop_requested:
-                bar.close()
-                raise KeyboardInterrupt(f"stopped at step {self.step}; continue with --resume --output {self.output}")
-        bar.close()
-        if metrics_log:
-            metrics_log.close()
+        try:
+            while self.step < c.steps:
+                t_start = time.perf_counter()
+                try:
+                    metrics = self.train_step()
+                except FormatError as e:  # weights blew up beyond what the format can hold
+                    raise self._diverged(self.step + 1, str(e)) from None
+                self.step += 1
+                metrics["tokens_per_s"] = metrics["tokens"] / max(time.perf_counter() - t_start, 1e-9)
+                metrics["peak_mem_mb"] = _peak_memory_mb(self.device)
+                if not math.isfinite(metrics["loss"]):
+                    raise self._diverged(self.step, f"loss became {metrics['loss']}")
+                if self.step % c.eval_every == 0 or self.step == c.steps:
+                    last_val = self.validate()
+                    metrics.update(last_val)
+                record({"step": self.step, "fake_quant": True, **metrics})
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                                **{k: f"{last_val[k]:.4f}" for k in ("val_kd_loss",) if k in last_val})
+                bar.update(1)
+                if self.step % c.save_every == 0 or self.stop_requested:
+                    self.save_checkpoint(last_val)
+                if self.stop_requested:
+                    raise TrainingStopped(f"stopped at step {self.step} (checkpoint saved); continue with --resume "
+                                          f"--output {self.output}")
+        finally:
+            bar.close()
+            if metrics_log:
+                metrics_log.close()
         return last_val
 
     def _diverged(self, step: int, reason: str) -> TrainingError:
@@ -485,7 +616,9 @@ class QATRecipe:
 
     # ------------------------------------------------------------------------------------------------ cleanup
     def cleanup(self, final_metrics: dict) -> Path:
-        """The run directory itself becomes the final QAT checkpoint (files moved in one by one, qat.json last)."""
+        """The run directory itself becomes the final QAT checkpoint: written with its manifest in a temporary
+        directory, then moved in file by file, the manifest next to last and qat.json (the mark of a finished
+        run) last. The manifest lists the checkpoint's files only, not the checkpoints/ and logs beside them."""
         acc = self.accelerator
         metrics = dict(final_metrics)
         if getattr(self, "initial_validation", None):
@@ -495,9 +628,11 @@ class QATRecipe:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         acc.wait_for_everyone()
-        self._write_qat_checkpoint(tmp, metrics)
+        write_qat_checkpoint(self.student, tmp, self._metadata(metrics), self.tokenizer_dir, accelerator=acc)
         if acc.is_main_process:
-            for item in sorted(tmp.iterdir(), key=lambda p: p.name == QAT_JSON):
+            write_manifest(tmp)
+            last = {MANIFEST: 1, QAT_JSON: 2}
+            for item in sorted(tmp.iterdir(), key=lambda p: last.get(p.name, 0)):
                 os.replace(item, self.output / item.name)
             tmp.rmdir()
         acc.wait_for_everyone()
@@ -505,30 +640,19 @@ class QATRecipe:
         return self.output
 
 
-def _local_dir(source: str) -> str:
-    """A local directory with the checkpoint's tokenizer files (downloads them for a hub id)."""
-    if Path(source).exists():
-        return source
-    from huggingface_hub import snapshot_download
-
-    from gemma3_qat.checkpoint import TOKENIZER_FILES
-    from gemma3_qat.models import hub_error
-
-    try:
-        return snapshot_download(source, allow_patterns=list(TOKENIZER_FILES))
-    except Exception as e:  # offline, unknown id, gated
-        raise hub_error(source, e) from None
-
-
 def _fmt(metrics: dict) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if v is not None)
 
 
 def train(config: TrainConfig, *, resume: bool = False, force: bool = False, log=print) -> Path:
-    """Run QAT end to end; returns the output directory (a QAT checkpoint)."""
+    """Run QAT end to end; returns the output directory (a QAT checkpoint). A clean stop (SIGINT/SIGTERM) raises
+    ``TrainingStopped`` after saving a checkpoint."""
     recipe = QATRecipe(config, resume=resume, force=force, log=log)
-    recipe.setup()
-    final = recipe.train()
-    out = recipe.cleanup(final)
+    try:
+        recipe.setup()
+        final = recipe.train()
+        out = recipe.cleanup(final)
+    finally:
+        recipe.restore_signal_handlers()
     recipe.log(f"QAT checkpoint: {out}  ({_fmt(final)})")
     return out

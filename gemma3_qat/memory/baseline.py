@@ -1,0 +1,96 @@
+"""The CI baseline: first-principles bytes of every size x format x container, and the check for drift.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from gemma3_qat.errors import MissingFileError
+from gemma3_qat.memory.base import CONTAINERS, QAT_FORMATS, TABLE_FORMATS, MemoryInputError
+from gemma3_qat.memory.kv import kv_cache
+from gemma3_qat.memory.spec import GEMMA3_SHAPES, ModelSpec, spec_from_hf_config
+from gemma3_qat.memory.table3 import TABLE3_CONTEXT
+from gemma3_qat.memory.weights import WeightOptions, weight_bytes
+
+BASELINE_MODELS = tuple(GEMMA3_SHAPES)
+
+
+def _tiny_specs() -> dict[str, ModelSpec]:
+    """The tiny test models (gemma3_qat.embedded.tiny) with the fixture tokenizer's default vocabulary."""
+    import inspect
+
+    from gemma3_qat.embedded.tiny import build_tokenizer, tiny_multimodal_config, tiny_text_config
+
+    vocab = inspect.signature(build_tokenizer).parameters["vocab_size"].default
+    return {"tiny-text": spec_from_hf_config(tiny_text_config(vocab), "tiny-text", "gemma3_qat.embedded.tiny"),
+            "tiny-multimodal": spec_from_hf_config(tiny_multimodal_config(vocab, 0, 0, 0), "tiny-multimodal",
+                                                   "gemma3_qat.embedded.tiny")}
+
+
+def baseline_cells(context: int = TABLE3_CONTEXT, kv_dtype: str = "bf16") -> dict[str, int]:
+    """First-principles bytes: the four sizes x formats x containers x {weights, +kv}; and the tiny exports'
+    GGUF tensor data (text file; mmproj file), which the export tests measure exactly."""
+    cells: dict[str, int] = {}
+    for name in BASELINE_MODELS:
+        kv = kv_cache(name, context, dtype=kv_dtype).total
+        for fmt in TABLE_FORMATS:
+            for container in CONTAINERS:
+                w = weight_bytes(name, WeightOptions(fmt, container)).total
+                cells[f"{name}/{fmt}/{container}/weights"] = w
+                cells[f"{name}/{fmt}/{container}/+kv"] = w + kv
+    for name, spec in _tiny_specs().items():
+        text_only = replace(spec, vision=None)
+        for fmt in QAT_FORMATS:
+            cells[f"{name}/{fmt}/gguf/tensor-data"] = weight_bytes(text_only, WeightOptions(fmt, "gguf")).total
+        if spec.vision:
+            mm = weight_bytes(spec, WeightOptions("int4-block", "gguf"))
+            cells[f"{name}/mmproj/gguf/tensor-data"] = mm.by_group["vision"] + mm.by_group["projector"]
+    return cells
+
+
+def make_baseline(context: int = TABLE3_CONTEXT, kv_dtype: str = "bf16") -> dict:
+    return {"about": "gemma3-qat memory first-principles bytes; regenerate deliberately with "
+                     "`gemma3-qat memory --update-baseline benchmarks/memory-baseline.json`",
+            "units": "bytes", "kv_context": context, "kv_dtype": kv_dtype,
+            "cells": baseline_cells(context, kv_dtype)}
+
+
+def write_baseline(path: str | Path) -> dict:
+    baseline = make_baseline()
+    Path(path).write_text(json.dumps(baseline, indent=1) + "\n")
+    return baseline
+
+
+@dataclass
+class Drift:
+    cell: str
+    baseline: int | None
+    current: int | None
+
+    @property
+    def relative(self) -> float:
+        if not self.baseline or self.current is None:
+            return math.inf
+        return self.current / self.baseline - 1
+
+
+def check_baseline(path: str | Path, tolerance: float = 0.0) -> list[Drift]:
+    """Cells whose current value differs from the baseline by more than ``tolerance`` (relative); cells that
+    appeared or disappeared count as drifted."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingFileError(f"baseline {path} does not exist; create it with --update-baseline {path}")
+    if tolerance < 0:
+        raise MemoryInputError(f"--tolerance must be 0 or more, got {tolerance}")
+    stored = json.loads(path.read_text())
+    current = baseline_cells(stored.get("kv_context", TABLE3_CONTEXT), stored.get("kv_dtype", "bf16"))
+    old = stored.get("cells", {})
+    drifts = []
+    for cell in sorted(set(old) | set(current)):
+        d = Drift(cell, old.get(cell), current.get(cell))
+        if d.baseline is None or d.current is None or abs(d.relative) > tolerance:
+            drifts.append(d)
+    return drifts

@@ -1,0 +1,199 @@
+"""Training memory of QAT by distillation, per GPU: components and the estimated peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gemma3_qat.memory.base import MemoryInputError, _positive
+from gemma3_qat.memory.kv import _context_warnings
+from gemma3_qat.memory.spec import ModelSpec, model_spec, param_counts
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """One QAT-by-distillation setup, as ``gemma3_qat.qat.train`` runs it. Validated on creation.
+
+    ``device``: ``cuda`` (bf16 teacher, bf16 autocast, foreach AdamW) or ``cpu`` (fp32 teacher, fp32 compute).
+    ``teacher``: ``live`` (a frozen teacher in memory; train.py keeps it out of FSDP, so every GPU holds all of
+    it) or ``cache`` (``--teacher-cache``: sparse targets read from disk, no teacher).
+    ``attention``: ``sdpa`` (fused kernels: no score matrix kept) or ``eager`` (``[heads, T, T]`` fp32 softmax
+    kept per layer for backward).
+    """
+
+    seq_len: int = 2048
+    micro_batch: int = 1
+    gpus: int = 1
+    device: str = "cuda"
+    teacher: str = "live"
+    kd: str = "full"  # full | sampled | topk
+    kd_k: int = 256
+    gradient_checkpointing: bool = False
+    quantize_embeddings: bool = False
+    attention: str = "sdpa"
+    fake_quant_cache: bool | None = None  # None = the trainer's auto (``fake_quant_cache_on``; FSDP = gpus > 1)
+
+    def __post_init__(self):
+        for name in ("seq_len", "micro_batch", "gpus", "kd_k"):
+            _positive(name.replace("_", "-"), getattr(self, name))
+        for name, value, valid in (("device", self.device, ("cuda", "cpu")), ("teacher", self.teacher,
+                                   ("live", "cache")), ("kd", self.kd, ("full", "sampled", "topk")),
+                                   ("attention", self.attention, ("sdpa", "eager"))):
+            if value not in valid:
+                raise MemoryInputError(f"unknown {name} {value!r}; choose one of: {', '.join(valid)}")
+        if self.teacher == "cache" and self.kd == "full":
+            object.__setattr__(self, "kd", "topk")  # a cache stores sparse targets only (teacher-cache's default)
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_len * self.micro_batch
+
+    @property
+    def autocast(self) -> bool:
+        """The trainer's ``--mixed-precision auto`` on this device: bf16 autocast (CUDA) or fp32 compute."""
+        # the trainer's rules, asked rather than restated; imported here so that the other memory views do not
+        # load the trainer (torch, accelerate, datasets) at all
+        from gemma3_qat.qat.train import mixed_precision_for
+
+        return mixed_precision_for("auto", self.device == "cuda") == "bf16"
+
+    @property
+    def compute_bytes(self) -> int:
+        return 2 if self.autocast else 4
+
+    @property
+    def teacher_bytes(self) -> int:
+        """Bytes per parameter of the live teacher, in the dtype the trainer loads it in."""
+        from gemma3_qat.qat.distill import teacher_dtype
+
+        return teacher_dtype(self.device == "cuda").itemsize
+
+    @property
+    def cache_on(self) -> bool:
+        from gemma3_qat.qat.train import fake_quant_cache_on
+
+        if self.fake_quant_cache is None:
+            return fake_quant_cache_on("auto", is_fsdp=self.gpus > 1)
+        return self.fake_quant_cache
+
+
+# Elements kept for backward per token and layer (HF Gemma 3 decoder layer, eager autograd; an estimate):
+#   4 RMSNorms (input, post-attention, pre-FFN, post-FFN) keep input and output: 8 x hidden, fp32 always;
+#   q/k norms keep input and output: 2 q + 2 kv; sdpa keeps q, k and v expanded to all heads (repeat_kv) and the
+#   output: 4 q; o_proj keeps its input: 1 q; the GeGLU keeps gate, gelu(gate), up and the product: 4 ffn.
+# The matmul inputs (the normed hidden state) are the norms' outputs, already counted.
+NORM_ELEMENTS_PER_HIDDEN = 8
+ACT_ELEMENTS = {"ffn": 4, "q": 7, "kv": 2}
+# Logit-sized [tokens, vocab] fp32 buffers alive at the loss's backward: student logits (compute dtype), their
+# fp32 copy / temperature, log-softmax (kept), its gradient; live full KD: teacher logits, fp32 softmax, product.
+STUDENT_LOGIT_COPIES = 3
+EAGER_SCORE_COPIES = 2  # eager attention keeps the fp32 softmax and its (dropout) output for the value matmul
+TEACHER_LOGIT_COPIES = {"full": 3, "sampled": 2, "topk": 2}
+
+
+@dataclass
+class TrainingMemory:
+    """Per-GPU bytes by component and the peak, for one setup. ``phases``: the three candidate peaks."""
+
+    model: str
+    options: TrainingOptions
+    components: dict[str, int]
+    phases: dict[str, int]
+    notes: list[str]
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def upper_bound(self) -> int:
+        return sum(self.components.values())
+
+
+def _activation_elements_per_token_layer(spec: ModelSpec) -> tuple[int, int]:
+    """(fp32 elements, compute-dtype elements) kept per token in one decoder layer."""
+    other = ACT_ELEMENTS["ffn"] * spec.ffn + ACT_ELEMENTS["q"] * spec.q_dim + ACT_ELEMENTS["kv"] * spec.kv_dim
+    return NORM_ELEMENTS_PER_HIDDEN * spec.hidden, other
+
+
+def activation_bytes(spec: ModelSpec, opts: TrainingOptions) -> int:
+    """Activations kept for backward (per GPU: each GPU runs its own micro-batch, FSDP shards no activations).
+
+    Without checkpointing every layer keeps its set; with it each layer keeps only its input (the fp32 residual
+    stream, ``hidden`` per token) and one layer's set is live during its recompute. Eager attention adds the
+    score matrices ``[heads, T, T]`` per sequence and layer (sliding layers too: HF masks a full T x T matrix).
+    """
+    fp32, other = _activation_elements_per_token_layer(spec)
+    per_layer = opts.tokens * (4 * fp32 + opts.compute_bytes * other)
+    scores = 0
+    if opts.attention == "eager":
+        scores = EAGER_SCORE_COPIES * 4 * spec.heads * opts.seq_len * opts.seq_len * opts.micro_batch
+    if opts.gradient_checkpointing:
+        return 4 * opts.tokens * spec.hidden * spec.layers + per_layer + scores
+    return (per_layer + scores) * spec.layers
+
+
+def logit_bytes(spec: ModelSpec, opts: TrainingOptions) -> int:
+    """The [tokens, vocab] buffers of the loss (the vocabulary makes them the largest activations of Gemma 3)."""
+    row = opts.tokens * spec.vocab * 4
+    student = STUDENT_LOGIT_COPIES * row
+    if opts.teacher == "cache":
+        return student + opts.tokens * opts.kd_k * 12  # int64 ids + fp32 log-probs
+    return student + TEACHER_LOGIT_COPIES[opts.kd] * row
+
+
+def training_memory(model: str | ModelSpec, opts: TrainingOptions | None = None, **kwargs) -> TrainingMemory:
+    """Per-GPU training memory of QAT by distillation, by component, and the estimated peak.
+
+    Persistent: student fp32 latent weights (all of them, the frozen vision tower too), AdamW's two fp32 states
+    and, in the backward pass, fp32 gradients of the trainable (text) parameters; under FSDP (``gpus`` > 1) these
+    three are sharded over the GPUs, plus the gathered units (the root: embedding and final norm, and two decoder
+    layers: current and prefetched) in the compute dtype. The teacher (live mode) is never sharded. The
+    fake-quant cache keeps an fp32 copy of the quantized weights between steps (on unless FSDP). Weight copies
+    kept for backward: autocast's bf16 copy of every matmul weight (CUDA), or the fake-quantized values when no
+    cache holds them; with checkpointing only one layer's.
+
+    Peak: activations are freed during backward as gradients appear, and the optimizer step runs after both, so
+    the peak is the largest of three phases: (1) persistent + activations + logits + the embedding's gradient
+    (the tied head's, computed first); (2) persistent + all gradients; (3) persistent + gradients + the foreach
+    AdamW temporaries (one fp32 copy of the shard on CUDA).
+    """
+    spec = model_spec(model)
+    opts = opts or TrainingOptions(**kwargs)
+    c = param_counts(spec)
+    n = opts.gpus
+    trainable = c.text
+    quantized = c.matmul + (c.embedding if opts.quantize_embeddings else 0)
+    per_layer_params = (c.matmul + c.norms - spec.hidden) // spec.layers
+    comp: dict[str, int] = {}
+    comp["teacher weights"] = c.total * opts.teacher_bytes if opts.teacher == "live" else 0
+    comp["student weights (fp32)"] = c.total * 4 // n
+    gathered = (c.embedding + spec.hidden + 2 * per_layer_params) * opts.compute_bytes
+    comp["fsdp gathered units"] = gathered if n > 1 else 0
+    comp["fake-quant cache (fp32)"] = quantized * 4 if opts.cache_on else 0
+    layer_share = 1 / spec.layers if opts.gradient_checkpointing else 1.0
+    if opts.autocast:
+        copies = (c.matmul * layer_share + c.embedding) * 2  # autocast's bf16 weight copies (head included)
+    else:
+        copies = 0 if opts.cache_on else quantized * 4 * layer_share
+    comp["weight copies kept for backward"] = int(copies)
+    comp["gradients (fp32)"] = trainable * 4 // n
+    comp["adamw states (2 x fp32)"] = trainable * 8 // n
+    comp["activations"] = activation_bytes(spec, opts)
+    comp["logits and loss"] = logit_bytes(spec, opts)
+    comp["optimizer step temporaries"] = trainable * 4 // n if opts.device == "cuda" else 0
+    persistent = sum(comp[k] for k in ("teacher weights", "student weights (fp32)", "fsdp gathered units",
+                                       "fake-quant cache (fp32)", "adamw states (2 x fp32)"))
+    phases = {
+        "forward/backward": persistent + comp["weight copies kept for backward"] + comp["activations"]
+        + comp["logits and loss"] + c.embedding * 4,
+        "end of backward": persistent + comp["gradients (fp32)"],
+        "optimizer step": persistent + comp["gradients (fp32)"] + comp["optimizer step temporaries"],
+    }
+    notes = [f"tokens per GPU and micro-step: {opts.tokens:,} ({opts.micro_batch} x {opts.seq_len:,})"]
+    if opts.seq_len > spec.context:
+        notes += _context_warnings(spec, opts.seq_len)
+    if n > 1:
+        notes.append(f"FSDP over {n} GPUs: student weights, gradients and AdamW states sharded; activations, "
+                     "logits and the live teacher are not")
+    return TrainingMemory(spec.name, opts, comp, phases, notes)
