@@ -148,13 +148,15 @@ class Checkpoint:
         return sum(f.stat().st_size for f in set(self._files.values()))
 
     def require_tokenizer_model(self) -> Path:
-        path = self.path / "tokenizer.model"
-        if not path.exists():
-            raise MissingFileError(
-                f"{self.path} has no tokenizer.model: copy the SentencePiece model of the base checkpoint next to "
-                "config.json (transformers' save_pretrained does not write it)"
-            )
-        return path
+        """The file the exporters build the vocabulary from: ``tokenizer.model``, else ``tokenizer.json`` (the
+        SentencePiece view is derived from it: ``gemma3_qat.vocab``); a one-line error when there is neither."""
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (self.path / name).exists():
+                return self.path / name
+        raise MissingFileError(
+            f"{self.path} has neither tokenizer.model nor tokenizer.json: copy the base checkpoint's tokenizer "
+            "files next to config.json"
+        )
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
@@ -191,18 +193,37 @@ def check_output(final: str | Path, *, force: bool = False, directory: bool = Fa
     return final
 
 
+def _umask() -> int:
+    """The process umask (only readable by setting it: set it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_umask_says(root: Path) -> None:
+    """Give ``root`` (and, for a directory, everything under it) the modes a plain ``open``/``mkdir`` (or ``cp``)
+    would: ``mkstemp``/``mkdtemp`` make 0600/0700, and safetensors' ``save_file`` makes 0600, which would leave
+    exports unreadable to every other user and service."""
+    mask = _umask()
+    for path in [root, *(root.rglob("*") if root.is_dir() else ())]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_directory(final: str | Path, *, force: bool = False, make_parents: bool = True) -> Iterator[Path]:
     """Yield a temporary directory next to ``final``; on success it replaces ``final`` in one rename.
 
     On error the temporary directory is removed and ``final`` is untouched. Refuses an existing ``final`` unless
     ``force``, and what ``check_output`` refuses; the old directory is only removed after the new one is complete.
+    What it holds gets the modes the umask gives a plain ``mkdir`` and ``open`` (not 0700 / 0600).
     """
     final = check_output(final, force=force, directory=True, make_parents=make_parents)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp
+        _as_umask_says(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -221,6 +242,7 @@ def atomic_file(final: str | Path, *, force: bool = False, make_parents: bool = 
     """Yield a temporary path next to ``final``; on success it replaces ``final`` atomically (``os.replace``).
 
     Refuses what ``check_output`` refuses (an existing ``final`` without ``force``, a directory even with it).
+    The file gets the mode the umask gives a plain ``open`` (not mkstemp's 0600).
     """
     final = check_output(final, force=force, make_parents=make_parents)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -229,6 +251,7 @@ def atomic_file(final: str | Path, *, force: bool = False, make_parents: bool = 
     tmp = Path(tmp_name)
     try:
         yield tmp
+        _as_umask_says(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -264,6 +287,7 @@ def write_qat_checkpoint(model, directory: str | Path, metadata: QATMetadata, to
         model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
         copy_tokenizer_files(tokenizer_dir, directory)
         (directory / QAT_JSON).write_text(metadata.to_json())
+        _as_umask_says(directory)  # safetensors writes 0600
 
 
 def local_tokenizer_dir(source: str) -> str:

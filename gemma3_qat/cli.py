@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -206,7 +205,7 @@ def export(
       gemma3-qat export --to gemma-cpp runs/x-sfp8 -o x.sbs        # then: gemma --weights x.sbs
     """
     from gemma3_qat.checkpoint import latest_run
-    from gemma3_qat.report import plan_report, style_of
+    from gemma3_qat.report import PlanRow, plan_report, style_of
 
     if to not in EXPORT_TARGETS:
         raise InputError(f"unknown --to {to!r}; choose one of: {', '.join(EXPORT_TARGETS)}")
@@ -224,7 +223,7 @@ def export(
             output = checkpoint.parent / f"{checkpoint.name}-{layout or 'unquantized'}"
         plan = export_safetensors(checkpoint, output, layout=layout, dtype=dtype, force=force, dry_run=dry_run,
                                   log=log, plain_type=type, embedding_type=embedding_type, lossy=lossy)
-        rows = [_PlanRow(s.name, str(s.dtype).removeprefix("torch."), s.shape, s.nbytes, t.kind)
+        rows = [PlanRow(s.name, str(s.dtype).removeprefix("torch."), s.shape, s.nbytes, t.kind)
                 for t in plan.tensors for s in t.stored]
         report = plan_report(plan.path, rows, nbytes=plan.nbytes, dry_run=dry_run,
                              notes=[f"layout {plan.layout}, {plan.format}, float tensors {plan.dtype}"])
@@ -234,7 +233,7 @@ def export(
 
         refuse_flags("gemma-cpp", layout=layout, dtype=dtype, embedding_type=embedding_type, lossy=lossy)
         plan = export_gemma_cpp(checkpoint, output, type=type, dry_run=dry_run, force=force, log=log)
-        rows = [_PlanRow(t.name, t.type, t.shape, t.nbytes, t.note) for t in plan.tensors]
+        rows = [PlanRow(t.name, t.type, t.shape, t.nbytes, t.note) for t in plan.tensors]
         report = plan_report(plan.path, rows, nbytes=plan.nbytes, notes=plan.notes, dry_run=dry_run)
     else:
         from gemma3_qat.exporters.gguf import export_gguf
@@ -253,15 +252,34 @@ def export(
 EXPORT_TARGETS = ("gguf", "safetensors", "gemma-cpp")
 
 
-@dataclass
-class _PlanRow:
-    """A stored tensor of a safetensors plan, in the columns of an export plan."""
+@app.command("import")
+def import_(
+    checkpoint: Annotated[Path, typer.Argument(help="A bf16 checkpoint of QAT weights, as Google's "
+                                                    "gemma-3-*-qat-q4_0-unquantized releases ship them.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="QAT checkpoint directory to write.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="The lattice to recover: int4-block (Q4_0, "
+                                        "Google's) or int4-channel.")] = "int4-block",
+    tie_rule: Annotated[str, typer.Option(help="Which scale, where bf16 cannot tell several fp16 scales apart: "
+                                          "q4_0 (nearest Q4_0's own rule; default), middle, smallest, largest.")]
+    = "q4_0",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --output.")] = False,
+):
+    """Recover the exact int4 lattice (fp16 scale + codes per block) of a bf16 QAT checkpoint into a QAT checkpoint.
 
-    gguf_name: str
-    ggml_type: str
-    shape: tuple
-    nbytes: int
-    note: str
+    Every block must reproduce every stored bf16 value (at least 99.9% of the blocks of each matmul; an ordinary
+    checkpoint is refused, naming the fraction). Then `export` writes the recovered codes exactly, and `train
+    --model OUTPUT` continues QAT from the lattice (its step 0 is the recovered file).
+
+    Examples:
+      gemma3-qat import ~/gemma-3-1b-it-qat-q4_0-unquantized -o runs/gemma-3-1b-it-qat
+      gemma3-qat export --to gguf runs/gemma-3-1b-it-qat -o gemma-3-1b-it-qat-q4_0.gguf
+      gemma3-qat train --model runs/gemma-3-1b-it-qat --teacher google/gemma-3-1b-it --data chat.jsonl
+    """
+    from gemma3_qat.exporters.recover import write_recovered_checkpoint
+
+    result = write_recovered_checkpoint(checkpoint, output, format, rule=tie_rule, force=force, log=typer.echo)
+    typer.echo(result.lines()[0])
+    typer.echo(f"wrote {output} (a QAT checkpoint: export it, or train --model {output})")
 
 
 @app.command("eval")
@@ -321,8 +339,8 @@ def inspect(
 
 @app.command()
 def memory(
-    model: Annotated[Optional[str], typer.Option(help="1b, 4b, 12b, 27b or a directory with a Gemma 3 config.json. "
-                                                 "Default: an overview of the four sizes.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="270m, 1b, 4b, 12b, 27b or a directory with a Gemma 3 config.json. "
+                                                 "Default: an overview of the five sizes.")] = None,
     format: Annotated[Optional[list[str]], typer.Option("--format", "-f", help="bf16, int4-channel, int4-block, "
                                                         "sfp8 (or f32, f16, q8_0, q4_0); repeatable. Default: "
                                                         "Table 3's four.")] = None,

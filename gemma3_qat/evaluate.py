@@ -108,8 +108,19 @@ def evaluation_windows(tokenizer, *, data: list[str] | None = None, seq_len: int
 # ------------------------------------------------------------------------------------------------- backends
 
 
-def pytorch_logits(checkpoint: str | Path, windows: torch.Tensor, batch: int = 8) -> Iterator[torch.Tensor]:
-    """Logits per window of a checkpoint, with fake quantization from its ``qat.json`` if it has one."""
+# Logits of one forward at most this many bytes (fp32): at Gemma's 262,144-piece vocabulary one 256-token window
+# is 268 MB, so the teacher and PyTorch candidates run one window at a time; small vocabularies batch 8.
+LOGITS_BUDGET_BYTES = 256 * 2**20
+
+
+def logits_batch(windows: torch.Tensor, vocab: int, budget: int = LOGITS_BUDGET_BYTES, most: int = 8) -> int:
+    """Windows per forward such that the batch's fp32 logits stay within ``budget`` (at least one window)."""
+    per_window = max(1, windows.shape[1] * vocab * 4)
+    return max(1, min(most, budget // per_window))
+
+
+def load_for_eval(checkpoint: str | Path):
+    """A checkpoint in eval mode (fp32), with fake quantization from its ``qat.json`` if it has one."""
     from gemma3_qat.checkpoint import QAT_JSON, QATMetadata
     from gemma3_qat.models import load_gemma3
     from gemma3_qat.qat.prepare import prepare
@@ -119,12 +130,25 @@ def pytorch_logits(checkpoint: str | Path, windows: torch.Tensor, batch: int = 8
     if qat_json.exists():
         meta = QATMetadata.read(qat_json)
         prepare(model, meta.format, quantize_embeddings=meta.quantize_embeddings)
+    return model
+
+
+def model_logits(model, windows: torch.Tensor, batch: int | None = None) -> Iterator[torch.Tensor]:
+    """Logits ``[seq, vocab]`` per window of a loaded model; ``batch`` windows per forward (default: as many as
+    ``LOGITS_BUDGET_BYTES`` allows), so only one forward's logits are alive at a time."""
+    batch = batch or logits_batch(windows, model.get_output_embeddings().weight.shape[0])
     for i in range(0, len(windows), batch):
         # no_grad around the forward only: a generator suspended inside the context would leave gradients off
         # in the caller's thread until it is exhausted
         with torch.no_grad():
             logits = model(input_ids=windows[i:i + batch]).logits.float()
         yield from logits
+        del logits
+
+
+def pytorch_logits(checkpoint: str | Path, windows: torch.Tensor, batch: int | None = None) -> Iterator[torch.Tensor]:
+    """Logits per window of a checkpoint, with fake quantization from its ``qat.json`` if it has one."""
+    yield from model_logits(load_for_eval(checkpoint), windows, batch)
 
 
 class LlamaCppModel:
@@ -163,44 +187,84 @@ TOKENIZER_PROBE = ("<start_of_turn>user\ndef f(x):\n    return x ** 2  # squares
                    "<start_of_turn>model\n12345 67.8 é ü 中文 日本語  x   y\n<end_of_turn>")
 
 
-def llama_cpp_logits(path: str | Path, windows: torch.Tensor, tokenizer) -> Iterator[torch.Tensor]:
+def _same_source(a: str | Path | None, b: str | Path | None) -> bool:
+    if a is None or b is None:
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return (pa.resolve() == pb.resolve()) if pa.exists() and pb.exists() else str(a) == str(b)
+
+
+def tokenizer_mismatch(path: str | Path, ours: list[int], theirs: list[int], reference: str | Path | None,
+                       exported_from: str | None) -> str:
+    """The one-line message for a GGUF whose tokenizer differs from the reference's, blaming the right thing:
+    the GGUF's vocabulary when the file records the reference as its teacher, else the choice of reference."""
+    i = next(i for i, (a, b) in enumerate(zip(ours + [None], theirs + [None])) if a != b)
+    where = (f"first difference at token {i}: {ours[i] if i < len(ours) else 'end'} in transformers, "
+             f"{theirs[i] if i < len(theirs) else 'end'} in llama.cpp")
+    name = Path(path).name
+    if _same_source(exported_from, reference):
+        return (f"{name}: its tokenizer differs from {reference}'s although the file was "
+                f"exported from it ({where}): its GGUF vocabulary does not reproduce the tokenizer; re-export it "
+                "with this version of gemma3-qat (`gemma3-qat export --to gguf --force`)")
+    if exported_from:
+        return (f"{name}: its tokenizer differs from {reference}'s ({where}); the file records teacher "
+                f"{exported_from}: evaluate it with --teacher {exported_from}")
+    return (f"{name}: its tokenizer differs from {reference}'s ({where}) and the file does not record its teacher: "
+            "pass the checkpoint it was exported from with --teacher")
+
+
+def llama_cpp_logits(path: str | Path, windows: torch.Tensor, tokenizer, reference: str | Path | None = None,
+                     exported_from: str | None = None) -> Iterator[torch.Tensor]:
+    """Logits per window of a GGUF file in llama.cpp, after checking that it tokenizes like ``tokenizer`` (the
+    reference ``reference``'s; ``exported_from``: the teacher the file records, which the message names)."""
     with LlamaCppModel(path, n_ctx=windows.shape[1]) as model:
         ours = tokenizer(TOKENIZER_PROBE).input_ids
         theirs = model.tokenize(TOKENIZER_PROBE)
         if ours != theirs:
-            raise EvalError(f"{Path(path).name}: its tokenizer differs from the reference's (first difference at "
-                            f"token {next(i for i, (a, b) in enumerate(zip(ours + [None], theirs + [None])) if a != b)}); "
-                            "evaluate it against the checkpoint it was exported from")
+            raise EvalError(tokenizer_mismatch(path, ours, theirs, reference or "the reference", exported_from))
         for window in windows:
             yield torch.from_numpy(model.logits(window.tolist()))
 
 
-def _gguf_provenance(path: Path) -> tuple[str, int | None]:
+def _gguf_provenance(path: Path) -> tuple[str, int | None, str | None]:
+    """The format, steps and teacher a GGUF file records (our exporter's ``gemma3_qat.*`` keys)."""
     from gemma3_qat.gguf_file import open_gguf
 
     # validated before llama.cpp sees the file (evaluate() reads this first): a torn GGUF is one line naming it
     fields = open_gguf(path).fields
     fmt = fields["gemma3_qat.format"].contents() if "gemma3_qat.format" in fields else "?"
     steps = fields["gemma3_qat.steps"].contents() if "gemma3_qat.steps" in fields else None
-    return ("none" if fmt.startswith("none") else fmt), steps
+    teacher = fields["gemma3_qat.teacher"].contents() if "gemma3_qat.teacher" in fields else None
+    return ("none" if fmt.startswith("none") else fmt), steps, teacher
 
 
 # ------------------------------------------------------------------------------------------------- metrics
 
 
-def _compare(candidate_logits: Iterator[torch.Tensor], teacher_logits: list[torch.Tensor], labels: torch.Tensor):
+def _compare(candidate_logits, teacher_logits, labels: torch.Tensor):
+    """(perplexity, KL mean, KL p99, top-1, tokens) of a candidate against the teacher (streams or lists)."""
+    return _compare_streams(candidate_logits, teacher_logits, labels)[:5]
+
+
+def _compare_streams(candidate_logits: Iterator[torch.Tensor], teacher_logits: Iterator[torch.Tensor],
+                     labels: torch.Tensor):
+    """Metrics of a candidate against the teacher, one window of both at a time (both are streams: neither is
+    held whole), and the teacher's perplexity on the same tokens, so the teacher needs no pass of its own."""
     from gemma3_qat.qat.distill import token_metrics  # the one definition of KL, top-1 and NLL
 
-    kls, agree, nll, count = [], 0.0, 0.0, 0
-    for logits, t_logits, lab in zip(candidate_logits, teacher_logits, labels):
+    kls, agree, nll, t_nll, count = [], 0.0, 0.0, 0.0, 0
+    for logits, t_logits, lab in zip(candidate_logits, teacher_logits, labels, strict=True):
         m = token_metrics(logits[:-1], lab[1:], teacher_logits=t_logits[:-1])
         mask = m["mask"]
         kls.append(m["kl"][mask])
         agree += float(m["top1"][mask].sum())
         nll += float(m["nll"][mask].sum())
+        t_nll += float(token_metrics(t_logits[:-1], lab[1:])["nll"][mask].sum())
         count += int(mask.sum())
+        del logits, t_logits, m
     kl = torch.cat(kls)
-    return math.exp(nll / count), float(kl.mean()), float(torch.quantile(kl.double(), 0.99)), agree / count, count
+    return (math.exp(nll / count), float(kl.mean()), float(torch.quantile(kl.double(), 0.99)), agree / count, count,
+            math.exp(t_nll / count))
 
 
 def evaluate(candidates: list[str | Path], *, teacher: str | None = None, data: list[str] | None = None,
@@ -234,15 +298,18 @@ def evaluate(candidates: list[str | Path], *, teacher: str | None = None, data: 
     tokenizer = load_tokenizer(teacher)
     windows, labels, data_name = evaluation_windows(tokenizer, data=data, seq_len=seq_len, max_windows=max_windows)
     log(f"evaluating on {len(windows)} windows of {seq_len} tokens from {data_name}")
-    t_logits = list(pytorch_logits(teacher, windows))
-    teacher_nll = (token_metrics(t[:-1], y[1:]) for t, y in zip(t_logits, labels))
-    nll = sum(float(m["nll"][m["mask"]].sum()) for m in teacher_nll)
-    report = EvalReport(str(teacher), data_name, len(windows), seq_len,
-                        math.exp(nll / int((labels[:, 1:] != -100).sum())))
+    # the teacher stays loaded and streams its logits alongside each candidate's, one forward at a time: at a
+    # 262k vocabulary all windows' logits would be GBs (15.6 GB for 32 x 256 tokens at 270M)
+    teacher_model = load_for_eval(teacher)
+    if not paths:
+        teacher_nll = (token_metrics(t[:-1], y[1:]) for t, y in zip(model_logits(teacher_model, windows), labels))
+        nll = sum(float(m["nll"][m["mask"]].sum()) for m in teacher_nll)
+        t_ppl = math.exp(nll / int((labels[:, 1:] != -100).sum()))
+    report = EvalReport(str(teacher), data_name, len(windows), seq_len, math.nan if paths else t_ppl)
     for p in paths:
         if p.suffix == ".gguf":
-            fmt, steps = _gguf_provenance(p)
-            logits, backend = llama_cpp_logits(p, windows, tokenizer), "llama.cpp"
+            fmt, steps, recorded = _gguf_provenance(p)
+            logits, backend = llama_cpp_logits(p, windows, tokenizer, teacher, recorded), "llama.cpp"
         elif p.suffix == ".sbs":
             from gemma3_qat.runtimes.gemma_cpp import gemma_cpp_logits, sbs_provenance
 
@@ -252,7 +319,8 @@ def evaluate(candidates: list[str | Path], *, teacher: str | None = None, data: 
             meta = QATMetadata.read(p / QAT_JSON) if (p / QAT_JSON).exists() else None
             fmt, steps = (meta.format, meta.steps) if meta else ("none", None)
             logits, backend = pytorch_logits(p, windows), "pytorch"
-        ppl, kl, kl99, top1, n = _compare(logits, t_logits, labels)
+        ppl, kl, kl99, top1, n, t_ppl = _compare_streams(logits, model_logits(teacher_model, windows), labels)
+        report.teacher_perplexity = t_ppl  # the same windows and mask for every candidate
         report.results.append(Result(p.name, backend, fmt, steps, ppl, kl, kl99, top1, n))
         log(f"  {p.name} ({backend}): ppl {ppl:.3f}, KL {kl:.5f}, top-1 {100 * top1:.1f}%")
     _recovered(report, baseline)

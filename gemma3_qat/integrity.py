@@ -64,6 +64,9 @@ def write_manifest(directory: str | Path) -> None:
         files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     text = json.dumps({"manifest_version": _MANIFEST_VERSION, "files": files}, indent=1) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".partial", dir=directory)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)  # mkstemp makes 0600: readable as the umask says, like the files it lists
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

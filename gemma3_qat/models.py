@@ -83,7 +83,7 @@ class Architecture:
     vocab: int  # embedding rows as the checkpoint holds them (HF multimodal configs pad to 262,208)
     layer_types: tuple[str, ...] = ()
     vision: VisionTower | None = None  # the SigLIP tower + projector of multimodal checkpoints
-    nominal_params: float | None = None  # the "27B" of the name, for Table 3's convention
+    nominal_params: float | None = None  # the "27B" (or "270M") of the name, for Table 3's convention
     source: str = "built-in"
     query_pre_attn_scalar: int | None = None  # None: head_dim (the tiny models; llama.cpp uses head_dim anyway)
     rope_scaling_factor: float | None = None  # linear scaling on global layers
@@ -127,20 +127,29 @@ class Architecture:
 Gemma3Shape = Architecture  # the released sizes' record keeps its old name
 
 
+def _nominal(name: str) -> float:
+    """The size in the name: "270m" -> 270e6, "27b" -> 27e9."""
+    return float(name[:-1]) * {"m": 1e6, "b": 1e9}[name[-1]]
+
+
 def _released(name, layers, hidden, ffn, heads, kv_heads, head_dim, window, context, scalar, rope_factor,
               vision) -> Architecture:
     return Architecture(
         name, layers, hidden, ffn, heads, kv_heads, head_dim, window, context,
         vocab=262_208 if vision else 262_144,  # HF multimodal configs pad the embedding to 262,208 rows
-        vision=SIGLIP if vision else None, nominal_params=float(name[:-1]) * 1e9, query_pre_attn_scalar=scalar,
+        vision=SIGLIP if vision else None, nominal_params=_nominal(name), query_pre_attn_scalar=scalar,
         rope_scaling_factor=rope_factor,
     )
 
 
-# The released sizes (the HF conversion script and gemma.cpp's configs agree).
+# The released sizes (the HF conversion script and gemma.cpp's configs agree). 270m: the hub config.json of
+# google/gemma-3-270m (transformers 4.55: 18 layers, 640 wide, 4 heads / 1 KV head of 256, window 512, 32k context,
+# query_pre_attn_scalar 256, RoPE 1e4 local / 1e6 global, unscaled, text only) and llama.cpp's GGUF of it agree;
+# its embedding is 167.8M of its 268.1M parameters.
 GEMMA3_SHAPES: dict[str, Architecture] = {
     s.name: s
     for s in (
+        _released("270m", 18, 640, 2048, 4, 1, 256, 512, 32_768, 256, None, False),
         _released("1b", 26, 1152, 6912, 4, 1, 256, 512, 32_768, 256, None, False),
         _released("4b", 34, 2560, 10240, 8, 4, 256, 1024, 131_072, 256, 8.0, True),
         _released("12b", 48, 3840, 15360, 16, 8, 256, 1024, 131_072, 256, 8.0, True),

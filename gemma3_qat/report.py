@@ -145,6 +145,18 @@ def plan_report(path, tensors, *, nbytes: int, notes=(), dry_run: bool = True, d
 PLAN_COLUMNS = ("tensor", "type", "shape", "bytes", "note")
 
 
+@dataclass
+class PlanRow:
+    """One stored tensor of any export plan in ``plan_report``'s columns (the GGUF planner's tensors have these
+    attributes already; safetensors and gemma.cpp plans are mapped to them)."""
+
+    gguf_name: str
+    ggml_type: str
+    shape: tuple
+    nbytes: int
+    note: str = ""
+
+
 def _short(value, limit: int = 80) -> str:
     """One line of at most ``limit`` characters (a chat template is kilobytes of Jinja with newlines)."""
     text = str(value).replace("\n", "\\n")

@@ -46,3 +46,33 @@ def test_console_script_user_errors_are_one_line():
     assert ok.returncode == 0 and "Q4_0" in ok.stdout
     bad = subprocess.run([script, "no-such-command"], capture_output=True, text=True)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
+
+
+def _tree(root: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+
+
+def test_export_flag_combinations_and_dry_run_through_the_cli(qat_run, tmp_path):
+    """The confirmed bugs of the seams issue, through the CLI: the flags of another --to are refused in one line
+    (not ignored), and --dry-run writes nothing whatever the --to, -o included."""
+    from gemma3_qat.assets import default_model_path
+
+    run = qat_run(default_model_path(), "sfp8", steps=0)
+    before = _tree(run)
+    refused = {
+        ("--to", "safetensors", "--type", "q8_0", "--lossy"): "--type is a --to gguf / --to gemma-cpp option",
+        ("--to", "gguf", "--layout", "compressed-tensors", "--dtype", "bf16"): "--layout is a --to safetensors option",
+        ("--to", "gemma-cpp", "--lossy"): "--lossy is a --to gguf option and does not apply to --to gemma-cpp",
+        ("--to", "gemma-cpp", "--dtype", "f16"): "--dtype is a --to safetensors option",
+        ("--to", "onnx"): "unknown --to 'onnx'",
+    }
+    for args, message in refused.items():
+        result = runner.invoke(app, ["export", str(run), *args, "-o", str(tmp_path / "out")])
+        assert result.exit_code != 0 and message in str(result.exception), (args, result.exception)
+    for to, out in (("gguf", "m.gguf"), ("safetensors", "st"), ("gemma-cpp", "m.sbs")):
+        result = runner.invoke(app, ["export", str(run), "--to", to, "--dry-run", "-o", str(tmp_path / out)])
+        assert result.exit_code == 0, (to, result.output, result.exception)
+        assert f"would write {tmp_path / out}" in result.output
+    assert list(tmp_path.iterdir()) == [] and _tree(run) == before
+    result = runner.invoke(app, ["export", str(run), "--to", "gemma-cpp", "--dry-run", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["tensors"][0]["type"] in ("SFP", "BF16", "F32")

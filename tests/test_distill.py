@@ -132,3 +132,255 @@ def test_data_errors_are_clear(tmp_path):
         load_documents(DataSource(str(tmp_path / "missing.jsonl")))
     assert DataSource.parse("a.jsonl:0.7") == DataSource("a.jsonl", 0.7)
     assert DataSource.parse("org/name") == DataSource("org/name", 1.0)
+
+
+# --------------------------------------------------------------------------------------------- chunked KD
+
+
+def _tiny_pair(vocab=500, softcap=None, quantize_embeddings=False, tied=True):
+    from transformers import Gemma3ForCausalLM
+
+    from gemma3_qat.embedded.tiny import tiny_text_config
+    from gemma3_qat.qat.prepare import prepare
+
+    torch.manual_seed(0)
+    cfg = tiny_text_config(vocab, hidden=32, ffn=64, layers=2, heads=2, kv_heads=1, head_dim=16, sliding_window=16,
+                           context=64)
+    cfg.final_logit_softcapping = softcap
+    cfg.tie_word_embeddings = tied
+    student = Gemma3ForCausalLM(cfg)
+    if not tied:
+        torch.nn.init.normal_(student.lm_head.weight, std=0.05)
+    prepare(student, "int4-block", quantize_embeddings=quantize_embeddings)
+    teacher = Gemma3ForCausalLM(cfg).eval().requires_grad_(False)
+    return student, teacher
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode,alpha,softcap,quantize_embeddings,tied", [
+    ("full", 0.0, None, False, True), ("full", 0.3, 30.0, True, True), ("sampled", 0.0, None, True, True),
+    ("sampled", 0.5, None, False, False), ("topk", 0.0, 30.0, False, True), ("topk", 0.2, None, False, False)])
+def test_chunked_kd_loss_equals_the_full_logits_loss(mode, alpha, softcap, quantize_embeddings, tied):
+    """kd_loss (heads inside chunks of 7 positions, masked positions dropped) against distillation_loss on the
+    model's own full logits: same loss, parts and gradients of every parameter (tied or untied head, fake-quantized
+    head, final logit soft-capping)."""
+    from gemma3_qat.qat.distill import kd_loss, shift_for_next_token
+
+    student, teacher = _tiny_pair(softcap=softcap, quantize_embeddings=quantize_embeddings, tied=tied)
+    ids = torch.randint(0, 500, (3, 40), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :9] = -100
+    labels[2, 20:] = -100
+    kd = KDConfig(mode, k=16, alpha=alpha, temperature=1.5)
+    sample_ids = torch.tensor([3, 4, 9])
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=ids).logits[:, :-1]
+    logits, shifted = shift_for_next_token(student(input_ids=ids).logits, labels)
+    target = None if mode == "full" else sparse_target(teacher_logits, kd, sample_ids=sample_ids)
+    want, want_parts = distillation_loss(logits, shifted, kd, teacher_logits=teacher_logits, target=target,
+                                         normalizer=50.0)
+    want.backward()
+    want_grads = _grads(student)
+    student.zero_grad(set_to_none=True)
+    loss, parts = kd_loss(student, ids, labels, kd, teacher=teacher, sample_ids=sample_ids, normalizer=50.0, rows=7)
+    loss.backward()
+    torch.testing.assert_close(loss, want)
+    assert set(parts) == set(want_parts)
+    for k in parts:
+        torch.testing.assert_close(parts[k], want_parts[k])
+    got = _grads(student)
+    assert set(got) == set(want_grads)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert student.config.final_logit_softcapping == softcap  # restored after the forward
+
+
+def test_chunked_kd_loss_from_a_cached_target():
+    from gemma3_qat.qat.distill import SparseTarget, kd_loss, shift_for_next_token
+
+    student, teacher = _tiny_pair()
+    ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(2))
+    kd = KDConfig("topk", k=8)
+    with torch.no_grad():
+        target = sparse_target(teacher(input_ids=ids).logits[:, :-1], kd)
+    logits, shifted = shift_for_next_token(student(input_ids=ids).logits, ids)
+    want, _ = distillation_loss(logits, shifted, kd, target=target)
+    want.backward()
+    want_grads = _grads(student)
+    student.zero_grad(set_to_none=True)
+    loss, _ = kd_loss(student, ids, ids, kd, target=SparseTarget(target.ids, target.log_probs), rows=5)
+    loss.backward()
+    torch.testing.assert_close(loss, want)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(_grads(student)[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["full", "sampled", "topk"])
+def test_chunked_validation_sums_equal_token_metrics(mode):
+    from gemma3_qat.qat.distill import shift_for_next_token, token_metrics, validation_sums
+
+    student, teacher = _tiny_pair()
+    ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[1, :15] = -100
+    kd = KDConfig(mode, k=16)
+    with torch.no_grad():
+        logits, shifted = shift_for_next_token(student(input_ids=ids).logits, labels)
+        t = teacher(input_ids=ids).logits[:, :-1]
+    m = token_metrics(logits, shifted, teacher_logits=t)
+    target = None if mode == "full" else sparse_target(t, kd, sample_ids=torch.tensor([0, 1]))
+    per = kd_loss_per_token(logits, kd, teacher_logits=t if mode == "full" else None, target=target)
+    mask = m["mask"].float()
+    want = torch.stack([(m["kl"] * mask).sum(), (per * mask).sum(), (m["top1"] * mask).sum(),
+                        (m["nll"] * mask).sum(), mask.sum()])
+    got = validation_sums(student, ids, labels, kd, teacher=teacher, sample_ids=torch.tensor([0, 1]), rows=6)
+    torch.testing.assert_close(got, want)
+    # from a cache: the same KD and top-1 sums, no KL
+    cached = validation_sums(student, ids, labels, kd, target=target, teacher_top1=t.argmax(-1), rows=6) \
+        if mode != "full" else None
+    if cached is not None:
+        torch.testing.assert_close(cached[1:], want[1:])
+        assert float(cached[0]) == 0.0
+
+
+def test_no_full_logits_are_materialised(monkeypatch):
+    """The student's and teacher's head matmuls only ever see one chunk of positions."""
+    from gemma3_qat.qat import head as head_module
+    from gemma3_qat.qat.distill import kd_loss
+
+    student, teacher = _tiny_pair()
+    seen = []
+    real = head_module.OutputHead.matmul
+
+    def spy(self, hidden):
+        seen.append(hidden.shape[0])
+        return real(self, hidden)
+
+    monkeypatch.setattr(head_module.OutputHead, "matmul", spy)
+    ids = torch.randint(0, 500, (4, 40))
+    loss, _ = kd_loss(student, ids, ids, KDConfig("full"), teacher=teacher, rows=16)
+    loss.backward()
+    assert seen and max(seen) <= 16 and sum(seen) == 2 * 4 * 39  # student and teacher, every position once
+    assert student.lm_head.__class__.__name__ != "_HeadTap"  # the head is back
+
+
+def test_chunked_kd_loss_under_bf16_autocast():
+    """The mixed-precision path (CUDA's bf16 autocast, here on the CPU): the head matmul in bf16 as autocast would
+    run it, the head's gradient accumulated in fp32."""
+    from gemma3_qat.qat.distill import kd_loss, shift_for_next_token
+
+    student, teacher = _tiny_pair()
+    ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(4))
+    kd = KDConfig("full")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            t = teacher(input_ids=ids).logits[:, :-1]
+        logits = student(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16
+    logits, shifted = shift_for_next_token(logits, ids)
+    want, _ = distillation_loss(logits, shifted, kd, teacher_logits=t)
+    want.backward()
+    want_grads = _grads(student)
+    student.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = kd_loss(student, ids, ids, kd, teacher=teacher, rows=9)
+    loss.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-3, atol=0)
+    for name, g in want_grads.items():
+        got = _grads(student)[name]
+        assert got.dtype == torch.float32
+        assert (got - g).abs().max() <= 0.02 * g.abs().max() + 1e-6, name
+
+
+@pytest.mark.parametrize("mode", ["sampled", "topk"])
+def test_teacher_targets_equal_the_full_logits_targets(mode):
+    """What a teacher cache stores, chunked, equals ``sparse_target`` and the argmax of the full logits."""
+    from gemma3_qat.qat.distill import teacher_targets
+
+    _, teacher = _tiny_pair()
+    ids = torch.randint(0, 500, (3, 40), generator=torch.Generator().manual_seed(5))
+    kd = KDConfig(mode, k=8)
+    with torch.no_grad():
+        full = teacher(input_ids=ids).logits[:, :-1]
+    want = sparse_target(full, kd, sample_ids=torch.tensor([0, 1, 2]))
+    got, top1 = teacher_targets(teacher, ids, kd, sample_ids=torch.tensor([0, 1, 2]), rows=11)
+    assert torch.equal(got.ids, want.ids) and torch.equal(top1, full.argmax(-1))
+    torch.testing.assert_close(got.log_probs, want.log_probs)
+
+
+FSDP2_SCRIPT = """# FSDP2 on CPU (gloo), 2 ranks: kd_loss's gradients equal the unsharded full-logits reference.
+import os, sys
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import Gemma3ForCausalLM
+from gemma3_qat.embedded.tiny import tiny_text_config
+from gemma3_qat.qat.distill import KDConfig, kd_loss, distillation_loss, shift_for_next_token, validation_sums
+from gemma3_qat.qat.prepare import prepare
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+quant = sys.argv[1] == "1"
+def build(seed):
+    torch.manual_seed(seed)
+    cfg = tiny_text_config(500, hidden=32, ffn=64, layers=2, heads=2, kv_heads=1, head_dim=16,
+                           sliding_window=16, context=64)
+    return Gemma3ForCausalLM(cfg)
+student, ref = build(0), build(0)
+for m in (student, ref):
+    prepare(m, "int4-block", quantize_embeddings=quant, cache=False)
+teacher = build(1).eval().requires_grad_(False)
+ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(rank))
+kd = KDConfig("full", alpha=0.2)
+# reference: unsharded, full logits, this rank's batch
+with torch.no_grad():
+    t = teacher(input_ids=ids).logits[:, :-1]
+logits, sh = shift_for_next_token(ref(input_ids=ids).logits, ids)
+want, _ = distillation_loss(logits, sh, kd, teacher_logits=t)
+want.backward()
+for p in ref.parameters():
+    if p.grad is not None:
+        dist.all_reduce(p.grad); p.grad /= 2
+for layer in student.model.layers:
+    fully_shard(layer, reshard_after_forward=True)
+fully_shard(student, reshard_after_forward=True)
+loss, parts = kd_loss(student, ids, ids, kd, teacher=teacher, rows=7)
+loss.backward()
+worst = 0.0
+for (n, p), (n2, q) in zip(student.named_parameters(), ref.named_parameters()):
+    if q.grad is None: continue
+    g = p.grad.full_tensor()
+    worst = max(worst, float((g - q.grad).abs().max() / (q.grad.abs().max() + 1e-12)))
+got, ref_loss = float(loss.detach()), float(want.detach())
+assert abs(got - ref_loss) < 1e-5 * abs(ref_loss), (got, ref_loss)
+assert worst < 1e-5, worst
+print(f"rank {rank} ok {worst:.2e}")
+student.eval()
+with torch.no_grad():
+    s = validation_sums(student, ids, ids, kd, teacher=teacher, rows=7)
+assert s[4] == 78
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize_embeddings", [False, True])
+def test_chunked_kd_loss_under_fsdp2(tmp_path, quantize_embeddings):
+    """FSDP2 (fully_shard per decoder layer and the root, resharded after forward; gloo on the CPU, 2 ranks): the
+    fused head reads the gathered (tied, optionally fake-quantized) weight inside the root's forward and returns
+    the loss through its outputs, so the sharded gradients equal the unsharded full-logits reference."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", str(29500 + 7 * int(quantize_embeddings) + os.getpid() % 400),
+                          str(script), str(int(quantize_embeddings))], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count(" ok ") == 2, out.stdout

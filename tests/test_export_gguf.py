@@ -244,6 +244,7 @@ def test_bad_checkpoints_give_clear_errors(qat_run, tiny_text_dir, tmp_path, tok
     no_sp = tmp_path / "no-sp"
     shutil.copytree(tiny_text_dir, no_sp)
     (no_sp / "tokenizer.model").unlink()
+    (no_sp / "tokenizer.json").unlink()  # tokenizer.json alone suffices (tests/test_vocab.py): neither is refused
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         export_gguf(no_sp, tmp_path / "x.gguf", log=None)
 

@@ -209,6 +209,7 @@ def test_refusals_write_nothing(tmp_path, qat_run, tiny_text_dir):
     with pytest.raises(GemmaCppError, match="drop --type"):
         export_gemma_cpp(qat_run(tiny_text_dir, "int4-block"), tmp_path / "x.sbs", type="bf16", log=None)
     (bad / "tokenizer.model").unlink()
+    (bad / "tokenizer.json").unlink()  # tokenizer.json alone suffices (tests/test_vocab.py): neither is refused
     with pytest.raises(MissingFileError, match="tokenizer.model"):
         export_gemma_cpp(bad, tmp_path / "x.sbs", log=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from gemma3_qat.errors import InputError
 from gemma3_qat.formats import Int4Block, Int4Channel, q4_0_blocks
 from gemma3_qat.lattice import lattice_fractions, looks_like, recover_groups, recover_tensor, recovering_format
 
@@ -312,3 +313,38 @@ def test_training_continues_exactly_at_the_recovered_lattice(trained_run, qat_ru
     run = qat_run(recovered, "int4-block", True, steps=2)
     metrics = json.loads((run / "qat.json").read_text())["metrics"]
     assert metrics["ptq_val_kl"] == 0.0
+
+
+@pytest.mark.slow
+def test_cli_import_then_export_and_refusal(trained_run, tmp_path):
+    """`gemma3-qat import` writes the QAT checkpoint the library writes; `export --to gguf` of it gives the run's
+    Q4_0 values back as the stored bf16 values; an ordinary checkpoint is refused in one line, nothing written."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from typer.testing import CliRunner
+
+    from gemma3_qat.assets import default_model_path
+    from gemma3_qat.checkpoint import Checkpoint, QATMetadata
+    from gemma3_qat.cli import app
+    from gemma3_qat.exporters.layout import text_gguf_name
+
+    runner = CliRunner()
+    google = _google_style(trained_run, tmp_path / "google")
+    result = runner.invoke(app, ["import", str(google), "-o", str(tmp_path / "imported")])
+    assert result.exit_code == 0, result.output
+    assert "on the int4-block lattice (100.000%)" in result.output
+    assert QATMetadata.read(tmp_path / "imported" / "qat.json").format == "int4-block"
+    result = runner.invoke(app, ["export", "--to", "gguf", str(tmp_path / "imported"), "-o", str(tmp_path / "r.gguf")])
+    assert result.exit_code == 0, result.output
+    stored = Checkpoint(google)
+    names = {text_gguf_name(n): n for n in stored.names()}
+    q4 = [t for t in GGUFReader(tmp_path / "r.gguf").tensors if t.tensor_type.name == "Q4_0"]
+    assert q4
+    for t in q4:
+        values = torch.from_numpy(dequantize(t.data, t.tensor_type)).reshape(stored.shape(names[t.name]))
+        assert torch.equal(values.to(torch.bfloat16), stored.read(names[t.name]))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = runner.invoke(app, ["import", str(default_model_path()), "-o", str(tmp_path / "plain")])
+    assert result.exit_code != 0 and isinstance(result.exception, InputError)
+    assert "lie on an int4-block lattice" in str(result.exception) and "\n" not in str(result.exception)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -91,7 +91,7 @@ def test_tiny_checkpoint_counts_equal_their_models(request, fixture):
 
 
 def test_bad_input_gives_one_line_value_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown model '5b'; known: 1b, 4b, 12b, 27b") as e:
+    with pytest.raises(ValueError, match=r"unknown model '5b'; known: 270m, 1b, 4b, 12b, 27b") as e:
         mem.model_spec("5b")
     assert "\n" not in str(e.value)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))

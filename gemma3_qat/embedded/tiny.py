@@ -81,3 +81,47 @@ def build_tiny_checkpoint(out_dir: str | Path, tokenizer_dir: str | Path, *, mul
         model = Gemma3ForCausalLM(tiny_text_config(vocab, **text_kwargs))
     model.to(dtype).save_pretrained(out)
     return out
+
+
+def shared_gemma3_tokenizer() -> Path | None:
+    """Google's real Gemma 3 tokenizer (``tokenizer.json`` + ``tokenizer_config.json``, 262,144 pieces, no
+    ``tokenizer.model``), kept next to the repository at ``../shared/gemma3-tokenizer``; None when absent."""
+    path = Path(__file__).resolve().parents[3] / "shared" / "gemma3-tokenizer"
+    return path if (path / "tokenizer.json").exists() else None
+
+
+def build_random_gemma3(out_dir: str | Path, arch: Architecture, tokenizer_dir: str | Path | None = None, *,
+                        seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Save a randomly initialised Gemma 3 of shape ``arch`` as the hub releases ship it: ``dtype`` (bf16)
+    safetensors, ``config.json`` and the tokenizer's ``tokenizer.json`` / ``tokenizer_config.json`` and no
+    ``tokenizer.model`` (what transformers 5's ``save_pretrained`` writes and many fine-tunes ship).
+
+    ``tokenizer_dir`` defaults to ``shared_gemma3_tokenizer()``. ``arch.vocab`` is the embedding's row count
+    (262,144 text-only, 262,208 multimodal: ``<image_soft_token>`` at 262,144 lies past a text-only embedding,
+    as in the release); a multimodal ``arch`` (``arch.vision``) takes its image token ids from the tokenizer.
+    E.g. ``build_random_gemma3(d, tiny_architecture(262_144, hidden=64, ffn=128, layers=1))`` (a ~35 MB vocab
+    fixture) or ``build_random_gemma3(d, GEMMA3_SHAPES["270m"])``.
+    """
+    import json
+
+    from transformers import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+
+    src = Path(tokenizer_dir) if tokenizer_dir is not None else shared_gemma3_tokenizer()
+    if src is None:
+        raise FileNotFoundError("no tokenizer_dir given and ../shared/gemma3-tokenizer is absent")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (src / name).exists():
+            shutil.copyfile(src / name, out / name)  # not the read-only mode of a shared source
+    torch.manual_seed(seed)
+    if arch.vision:
+        added = json.loads((src / "tokenizer_config.json").read_text()).get("added_tokens_decoder", {})
+        ids = {t["content"]: int(i) for i, t in added.items()}
+        config = hf_config(arch, image_token_index=ids["<image_soft_token>"], boi_token_index=ids["<start_of_image>"],
+                           eoi_token_index=ids["<end_of_image>"])
+        model = Gemma3ForConditionalGeneration(config)
+    else:
+        model = Gemma3ForCausalLM(hf_config(arch))
+    model.to(dtype).save_pretrained(out)
+    return out

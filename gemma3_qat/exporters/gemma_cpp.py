@@ -49,7 +49,7 @@ from gemma3_qat.exporters.sbs import (
     toc_bytes,
 )
 from gemma3_qat.formats import get_format, sfp8_values_fit_bf16
-from gemma3_qat.errors import MissingFileError
+from gemma3_qat.vocab import read_sentencepiece_vocab, sentencepiece_model_proto
 
 PLAIN_TYPES = ("bf16", "f32", "sfp8")
 CHUNK_ELEMENTS = 1 << 24  # about 16M weights per chunk (64 MB in fp32), as the GGUF export
@@ -450,12 +450,13 @@ def _kv_tensor(ckpt, i, k_hf, v_hf, dh, body, trained, scale_of, notes) -> SbsTe
 
 
 def read_tokenizer_blob(ckpt: Checkpoint) -> bytes:
-    path = ckpt.path / "tokenizer.model"
-    if not path.is_file():
-        raise MissingFileError(f"{ckpt.path} has no tokenizer.model, which the .sbs file embeds: copy the base "
-                               "checkpoint's SentencePiece tokenizer.model next to config.json (building it from "
-                               "tokenizer.json alone is not supported yet)")
-    return path.read_bytes()
+    """The SentencePiece model the ``.sbs`` file embeds: ``tokenizer.model`` as it is, else a ``ModelProto``
+    built from ``tokenizer.json`` (``gemma3_qat.vocab``: same pieces and merges, so gemma.cpp tokenizes like HF)."""
+    path = ckpt.require_tokenizer_model()
+    if path.name == "tokenizer.model":
+        read_sentencepiece_vocab(ckpt.path)  # with a tokenizer.json too: the two must agree
+        return path.read_bytes()
+    return sentencepiece_model_proto(read_sentencepiece_vocab(ckpt.path))
 
 
 def model_card_path(path: Path) -> Path:

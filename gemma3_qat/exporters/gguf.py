@@ -230,6 +230,12 @@ def _add_text_metadata(writer: GGUFWriter, ckpt: Checkpoint, plan: ExportPlan, n
         writer.add_bool(f"{NAMESPACE}.quantize_embeddings", qat.quantize_embeddings)
         if qat.teacher:
             writer.add_string(f"{NAMESPACE}.teacher", qat.teacher)
+        recovered = qat.metrics.get("recovered_lattice")
+        if recovered:  # `gemma3-qat import`: which blocks came back exactly, for inspect
+            writer.add_string(f"{NAMESPACE}.recovered_lattice",
+                              f"{recovered['on_lattice']}/{recovered['groups']} {recovered['format']} groups from "
+                              f"{recovered['source']} (tie rule {recovered['rule']}, {recovered['several_scales']} "
+                              "with several consistent scales)")
 
 
 def _write(plan: ExportPlan, ckpt: Checkpoint, arch: str, add_metadata: Callable[[GGUFWriter], None],

@@ -1,9 +1,10 @@
 """A Gemma checkpoint's SentencePiece tokenizer as GGUF vocabulary metadata (``tokenizer.ggml.*``).
 
-Pieces, scores and types come from ``tokenizer.model``; the special-token table of ``tokenizer_config.json``
-(``added_tokens_decoder``) then types each special token CONTROL and every other added token USER_DEFINED, so
-that ``<start_of_turn>`` / ``<end_of_turn>`` are single control tokens in llama.cpp (Google's first QAT GGUF typed
-``<start_of_turn>`` NORMAL and it tokenized into 7 pieces).
+Pieces, scores and types come from ``tokenizer.model``, or from ``tokenizer.json`` alone (``gemma3_qat.vocab``:
+how, and why llama.cpp then tokenizes and detokenizes like HF); the special-token table of
+``tokenizer_config.json`` (``added_tokens_decoder``) types each special token CONTROL and every other added
+token USER_DEFINED (whitespace runs NORMAL), so that ``<start_of_turn>`` / ``<end_of_turn>`` are single control
+tokens in llama.cpp (Google's first QAT GGUF typed ``<start_of_turn>`` NORMAL and it tokenized into 7 pieces).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from gguf import TokenType
 from gemma3_qat.errors import InputError
+from gemma3_qat.vocab import read_sentencepiece_vocab
 
 
 @dataclass
@@ -38,44 +40,42 @@ def _token_id(name: str | dict | None, ids: dict[str, int], default: int) -> int
 
 
 def read_vocab(checkpoint_dir: str | Path, n_rows: int) -> GGUFVocab:
-    """The vocabulary for an embedding of ``n_rows`` rows (padded with UNUSED ``[PAD…]`` tokens if larger)."""
-    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+    """The vocabulary for an embedding of ``n_rows`` rows (padded with UNUSED ``[PAD…]`` tokens if larger).
 
+    Added tokens past the rows are left out, as llama.cpp's ``convert_hf_to_gguf.py`` does ("ignore token:
+    id is out of range"): no row could embed them. Gemma 3's ``<image_soft_token>`` (id 262,144) is one of
+    them in the text-only sizes: the text ``<image_soft_token>`` then tokenizes as plain text in llama.cpp,
+    where HF gives the id 262,144 that the model itself cannot embed. A base vocabulary larger than the rows is
+    refused: those pieces belong to another model.
+    """
     path = Path(checkpoint_dir)
-    proto = sp_pb2.ModelProto()
-    proto.ParseFromString((path / "tokenizer.model").read_bytes())
-    tokens = [p.piece for p in proto.pieces]
-    scores = [float(p.score) for p in proto.pieces]
-    types = [int(p.type) for p in proto.pieces]  # SentencePiece's numbering is GGUF's: NORMAL 1 ... BYTE 6
-
-    config_path = path / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    for id_str, token in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0])):
-        i = int(id_str)
-        if i >= len(tokens):  # added beyond the SentencePiece model: fill the gap, then append
-            missing = i - len(tokens)
-            tokens += [f"[PAD{len(tokens) + k}]" for k in range(missing)]
-            scores += [-1000.0] * missing
-            types += [int(TokenType.UNUSED)] * missing
-            tokens.append(token["content"])
-            scores.append(-1000.0)
-            types.append(0)
-        elif tokens[i] != token["content"]:
-            raise InputError(
-                f"tokenizer_config.json says id {i} is {token['content']!r} but tokenizer.model has {tokens[i]!r}; "
-                "the tokenizer files do not belong together"
-            )
-        types[i] = int(TokenType.CONTROL if token.get("special") else TokenType.USER_DEFINED)
-        if not token.get("special"):
-            scores[i] = -1000.0
-
-    if len(tokens) > n_rows:
-        raise InputError(f"the tokenizer has {len(tokens)} tokens but the embedding only {n_rows} rows")
+    sp = read_sentencepiece_vocab(path)
+    if len(sp.pieces) > n_rows:
+        raise InputError(f"{path}: the tokenizer's base vocabulary has {len(sp.pieces):,} pieces but the "
+                         f"embedding only {n_rows:,} rows; the tokenizer belongs to another model: copy the "
+                         "base checkpoint's tokenizer files")
+    tokens, scores, types = list(sp.pieces), list(sp.scores), list(sp.types)
+    for token in sp.added:
+        if token.id < len(sp.pieces):
+            if types[token.id] != int(TokenType.NORMAL) and not token.special:
+                scores[token.id] = -1000.0
+            continue
+        if token.id >= n_rows:
+            continue  # out of range (see above)
+        missing = token.id - len(tokens)  # added beyond the base vocabulary: fill the gap, then append
+        tokens += [f"[PAD{len(tokens) + k}]" for k in range(missing)]
+        scores += [-1000.0] * missing
+        types += [int(TokenType.UNUSED)] * missing
+        tokens.append(token.content)
+        scores.append(-1000.0)
+        types.append(int(TokenType.CONTROL if token.special else TokenType.USER_DEFINED))
     for i in range(len(tokens), n_rows):  # HF multimodal configs pad the embedding (262,208 rows)
         tokens.append(f"[PAD{i}]")
         scores.append(-1000.0)
         types.append(int(TokenType.UNUSED))
 
+    config_path = path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
     ids = {t: i for i, t in enumerate(tokens)}
     chat_template = config.get("chat_template")
     if chat_template is None and (path / "chat_template.jinja").exists():

@@ -11,8 +11,10 @@ Layouts:
 * ``compressed-tensors`` vLLM's ``pack-quantized`` int4 (W4A16, symmetric; group 32 for int4-block, channel for
                          int4-channel): ``weight_packed`` (int32, eight 4-bit values ``k + 8``), ``weight_scale`` (the
                          trained fp16 scale, stored as fp32 so decompression is exact), ``weight_shape``.
-* ``sfp8``               gemma.cpp SFP codes (uint8 per weight) + the per-tensor scale; ``load_sfp8`` restores the
-                         exact values.
+* ``sfp8``               gemma.cpp SFP codes (uint8 per weight) + the per-tensor scale, the other tensors bf16
+                         (``--dtype``); ``load_sfp8`` restores the exact values, ``load_sfp8_model`` a transformers
+                         model of them. transformers' own ``from_pretrained`` cannot read SFP codes (it would
+                         initialise those weights afresh, with only a warning): use ``load_sfp8_model``.
 
 The layouts a format allows, its compressed-tensors scheme and its codes layout are the format object's facts
 (``gemma3_qat.formats``); which tensors are quantized is ``exporters.layout``'s rule. ``plan_safetensors_export``
@@ -43,7 +45,7 @@ from gemma3_qat.checkpoint import (
 from gemma3_qat.exporters import refuse_flags
 from gemma3_qat.exporters.layout import legacy_name, role_is_quantized, tensor_role
 from gemma3_qat.formats import FORMATS, SFP8, SFP8_DECODE_TABLE, FormatError, WeightFormat, get_format
-from gemma3_qat.errors import InputError
+from gemma3_qat.errors import CorruptFileError, InputError, MissingFileError
 
 UNQUANTIZED, COMPRESSED_TENSORS = "unquantized", "compressed-tensors"
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -114,8 +116,9 @@ def _plan_tensor(ckpt: Checkpoint, name: str, fmt: WeightFormat, layout: str, st
     role = tensor_role(name)
     if not role_is_quantized(role, ckpt.qat.quantize_embeddings):
         dtype = _SAFETENSORS_DTYPES[ckpt.dtype(name)]
-        keep = layout == fmt.name or not dtype.is_floating_point  # the codes layout keeps the checkpoint's dtypes
-        return TensorPlan(name, "copy", (StoredTensor(out_name, dtype if keep else store, shape),))
+        # unquantized float tensors at --dtype (bf16 for the packed and codes layouts: what the memory model counts
+        # and gemma.cpp keeps), not the latent fp32 master copy; integer tensors as they are
+        return TensorPlan(name, "copy", (StoredTensor(out_name, store if dtype.is_floating_point else dtype, shape),))
     base = out_name.removesuffix(".weight")
     if layout == UNQUANTIZED or (layout == COMPRESSED_TENSORS and role == "embedding"):
         return TensorPlan(name, "values", (StoredTensor(out_name, store, shape),))  # vLLM packs Linear weights only
@@ -295,17 +298,77 @@ def export_safetensors(checkpoint: str | Path, output: str | Path, *, layout: st
     return plan
 
 
+def _sfp8_files(directory: Path) -> list[Path]:
+    """The weight files of an sfp8 export, checked to be one: every shard present, each written by this layout."""
+    from safetensors import safe_open
+
+    if not directory.is_dir():
+        raise MissingFileError(f"{directory} does not exist or is not a directory: pass an sfp8 export "
+                               "(gemma3-qat export --to safetensors --layout sfp8)")
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (directory / n).exists()]
+        if missing:
+            raise MissingFileError(f"{directory}: shard {missing[0]} named by {index.name} is missing "
+                                   f"({len(missing)} of {len(names)}); copy the whole export directory")
+        files = [directory / n for n in names]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise MissingFileError(f"{directory} holds no .safetensors file: not an sfp8 export")
+    for f in files:
+        with safe_open(str(f), "pt") as handle:
+            layout = (handle.metadata() or {}).get("gemma3_qat.layout")
+        if layout != SFP8.name:
+            raise SafetensorsExportError(f"{f} is not an sfp8 export (layout {layout!r}); load it with transformers' "
+                                         "from_pretrained, or export with --layout sfp8")
+    return files
+
+
 def load_sfp8(directory: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of an ``sfp8`` export with every quantized weight restored to its exact fp32 value."""
+    """The state dict of an ``sfp8`` export with every quantized weight restored to its exact fp32 value.
+
+    Refuses a directory that is not a complete sfp8 export (a missing shard, another layout, a code tensor without
+    its scale) rather than returning a partial state dict.
+    """
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    files = sorted(directory.glob("*.safetensors"))
     state: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in _sfp8_files(directory):
         state.update(load_file(str(f)))
     for key in [k for k in state if k.endswith(".sfp8_codes")]:
         base = key.removesuffix(".sfp8_codes")
+        if base + ".sfp8_scale" not in state:
+            raise CorruptFileError(f"{directory}: {key} has no {base}.sfp8_scale; re-export the checkpoint")
         codes, scale = state.pop(key), state.pop(base + ".sfp8_scale")
         state[base + ".weight"] = SFP8_DECODE_TABLE[codes.long()] * scale.reshape(())
     return state
+
+
+def load_sfp8_model(directory: str | Path, *, dtype: torch.dtype = torch.float32):
+    """A transformers Gemma 3 model of an ``sfp8`` export, every weight from the file (the SFP ones exact in fp32).
+
+    Refuses, naming the tensor, when the files do not provide every weight of the model or provide one it does not
+    have: nothing is initialised afresh (transformers' ``from_pretrained`` on the directory would, for every SFP
+    weight, with only a warning).
+    """
+    from transformers import AutoConfig, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+
+    from gemma3_qat.models import is_multimodal_gemma3
+
+    directory = Path(directory)
+    state = load_sfp8(directory)
+    config = AutoConfig.from_pretrained(str(directory))
+    cls = Gemma3ForConditionalGeneration if is_multimodal_gemma3(config, str(directory)) else Gemma3ForCausalLM
+    model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
+    tied = {"lm_head.weight"}
+    missing = sorted(set(info["missing_keys"]) - tied)
+    problems = [("missing from the files", missing), ("not in the model", sorted(info["unexpected_keys"])),
+                ("of the wrong shape", [str(k) for k in info["mismatched_keys"]])]
+    for what, keys in problems:
+        if keys:
+            raise CorruptFileError(f"{directory}: {len(keys)} weights {what} (e.g. {keys[0]}); refusing to "
+                                   "initialise them: re-export with gemma3-qat export --to safetensors --layout sfp8")
+    return model.eval()

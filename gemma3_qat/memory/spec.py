@@ -56,7 +56,7 @@ def spec_from_directory(path: str | Path) -> ModelSpec:
 
 
 def model_spec(model: str | ModelSpec) -> ModelSpec:
-    """``1b``/``4b``/``12b``/``27b`` (built-in shapes) or a directory holding a Gemma 3 config.json."""
+    """``270m``/``1b``/``4b``/``12b``/``27b`` (built-in shapes) or a directory holding a Gemma 3 config.json."""
     if isinstance(model, ModelSpec):
         return model
     key = str(model).lower()

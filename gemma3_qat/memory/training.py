@@ -84,11 +84,16 @@ class TrainingOptions:
 # The matmul inputs (the normed hidden state) are the norms' outputs, already counted.
 NORM_ELEMENTS_PER_HIDDEN = 8
 ACT_ELEMENTS = {"ffn": 4, "q": 7, "kv": 2}
-# Logit-sized [tokens, vocab] fp32 buffers alive at the loss's backward: student logits (compute dtype), their
-# fp32 copy / temperature, log-softmax (kept), its gradient; live full KD: teacher logits, fp32 softmax, product.
-STUDENT_LOGIT_COPIES = 3
+# The loss runs in chunks of positions with the LM heads inside the chunk (``qat.head``, ``distill.kd_loss``):
+# logit-sized buffers are [chunk, vocab] fp32, chunk = min(tokens, ``head.chunk_rows(vocab)``). Alive at a chunk's
+# peak (its loss's backward, inside the forward pass): the student's logits, log-softmax, the gradient of the
+# loss's last op and of the log-softmax with its exp temporary; full KD adds the teacher's logits, softmax and
+# their product; sparse targets are drawn before the student's loss and leave nothing logit-sized behind.
+CHUNK_COPIES = {"full": 7, "sampled": 5, "topk": 5}
+# Validation (no gradients): token_metrics keeps the student's and teacher's logits, both log-softmaxes, the
+# teacher's probabilities, their difference and product; from a cache, only the student's side.
+VALIDATION_CHUNK_COPIES = {"live": 7, "cache": 3}
 EAGER_SCORE_COPIES = 2  # eager attention keeps the fp32 softmax and its (dropout) output for the value matmul
-TEACHER_LOGIT_COPIES = {"full": 3, "sampled": 2, "topk": 2}
 
 
 @dataclass
@@ -133,13 +138,31 @@ def activation_bytes(spec: ModelSpec, opts: TrainingOptions) -> int:
     return (per_layer + scores) * spec.layers
 
 
+def chunk_tokens(spec: ModelSpec, opts: TrainingOptions) -> int:
+    """Positions per loss chunk (the trainer's rule, asked rather than restated)."""
+    from gemma3_qat.qat.head import chunk_rows  # lazy: the other memory views need no torch
+
+    return min(opts.tokens, chunk_rows(spec.vocab))
+
+
 def logit_bytes(spec: ModelSpec, opts: TrainingOptions) -> int:
-    """The [tokens, vocab] buffers of the loss (the vocabulary makes them the largest activations of Gemma 3)."""
-    row = opts.tokens * spec.vocab * 4
-    student = STUDENT_LOGIT_COPIES * row
+    """The loss's buffers at its peak: one chunk's [chunk, vocab] fp32 buffers, plus the micro-batch's
+    [tokens, hidden] rows (student hidden states gathered at the labelled positions, their gradient, the live
+    teacher's hidden states) or the cached targets (int64 ids and fp32 log-probabilities, read and gathered)."""
+    chunk = chunk_tokens(spec, opts) * spec.vocab * 4
+    rows = 2 * opts.tokens * spec.hidden * 4
     if opts.teacher == "cache":
-        return student + opts.tokens * opts.kd_k * 12  # int64 ids + fp32 log-probs
-    return student + TEACHER_LOGIT_COPIES[opts.kd] * row
+        return CHUNK_COPIES[opts.kd] * chunk + rows + 2 * opts.tokens * opts.kd_k * 12
+    return CHUNK_COPIES[opts.kd] * chunk + rows + opts.tokens * spec.hidden * opts.teacher_bytes
+
+
+def validation_bytes(spec: ModelSpec, opts: TrainingOptions) -> int:
+    """Validation's transient buffers: one chunk's logit-sized buffers, the hidden-state rows, and one layer's
+    working set of the no-grad forward."""
+    chunk = chunk_tokens(spec, opts) * spec.vocab * 4
+    fp32, other = _activation_elements_per_token_layer(spec)
+    layer = opts.tokens * (4 * fp32 + opts.compute_bytes * other)
+    return VALIDATION_CHUNK_COPIES[opts.teacher] * chunk + 2 * opts.tokens * spec.hidden * 4 + layer
 
 
 def training_memory(model: str | ModelSpec, opts: TrainingOptions | None = None, **kwargs) -> TrainingMemory:
@@ -154,9 +177,10 @@ def training_memory(model: str | ModelSpec, opts: TrainingOptions | None = None,
     cache holds them; with checkpointing only one layer's.
 
     Peak: activations are freed during backward as gradients appear, and the optimizer step runs after both, so
-    the peak is the largest of three phases: (1) persistent + activations + logits + the embedding's gradient
-    (the tied head's, computed first); (2) persistent + all gradients; (3) persistent + gradients + the foreach
-    AdamW temporaries (one fp32 copy of the shard on CUDA).
+    the peak is the largest of four phases: (1) persistent + activations + one loss chunk + the head's gradient
+    (the fused head accumulates it in the forward pass); (2) persistent + all gradients + the embedding lookup's
+    dense gradient; (3) persistent + gradients + the foreach AdamW temporaries (one fp32 copy of the shard on
+    CUDA); (4) validation (the periodic and final one: gradients freed, one chunk of the no-grad metrics).
     """
     spec = model_spec(model)
     opts = opts or TrainingOptions(**kwargs)
@@ -180,15 +204,19 @@ def training_memory(model: str | ModelSpec, opts: TrainingOptions | None = None,
     comp["gradients (fp32)"] = trainable * 4 // n
     comp["adamw states (2 x fp32)"] = trainable * 8 // n
     comp["activations"] = activation_bytes(spec, opts)
-    comp["logits and loss"] = logit_bytes(spec, opts)
+    comp["logits and loss (chunked)"] = logit_bytes(spec, opts)
+    comp["validation (chunked)"] = validation_bytes(spec, opts)
     comp["optimizer step temporaries"] = trainable * 4 // n if opts.device == "cuda" else 0
     persistent = sum(comp[k] for k in ("teacher weights", "student weights (fp32)", "fsdp gathered units",
                                        "fake-quant cache (fp32)", "adamw states (2 x fp32)"))
+    head_grad = c.embedding * 4 // (n if n > 1 else 1)  # fp32, accumulated by the fused head (qat.head)
     phases = {
         "forward/backward": persistent + comp["weight copies kept for backward"] + comp["activations"]
-        + comp["logits and loss"] + c.embedding * 4,
-        "end of backward": persistent + comp["gradients (fp32)"],
+        + comp["logits and loss (chunked)"] + c.embedding * 4,
+        # the embedding lookup's dense gradient, before it is added to the head's
+        "end of backward": persistent + comp["gradients (fp32)"] + head_grad,
         "optimizer step": persistent + comp["gradients (fp32)"] + comp["optimizer step temporaries"],
+        "validation": persistent + comp["validation (chunked)"],
     }
     notes = [f"tokens per GPU and micro-step: {opts.tokens:,} ({opts.micro_batch} x {opts.seq_len:,})"]
     if opts.seq_len > spec.context:

@@ -40,7 +40,7 @@ def _gb(nbytes: float) -> float:
 
 def overview_report(context: int = TABLE3_CONTEXT, *, batch: int = 1, kv_dtype: str = "bf16",
                     formats=TABLE_FORMATS, embedding: str = "auto", vision: str = "auto") -> Report:
-    """The four released sizes: weights per format in both containers, KV cache, totals (first principles)."""
+    """The released sizes (270M to 27B): weights per format in both containers, KV cache, totals (first principles)."""
     rows, data = [], []
     for name in BASELINE_MODELS:
         kv = kv_cache(name, context, batch=batch, dtype=kv_dtype)
@@ -139,8 +139,8 @@ def training_report(model: str | ModelSpec, base: TrainingOptions) -> Report:
     notes = first.notes + [
         "activations per token and layer: 8 hidden fp32 (norms) + 4 ffn + 7 q + 2 kv in the compute dtype; "
         "checkpointing keeps each layer's input and recomputes one layer",
-        "logits: [tokens, vocab] fp32 buffers, 3 for the student + 3 (full KD) or 2 for a live teacher; a "
-        "teacher cache holds k ids + log-probs per token",
+        "logits: the loss runs in chunks of positions with the heads inside (qat.head): [chunk, vocab] fp32 "
+        "buffers, 7 (full KD) or 5; a teacher cache holds k ids + log-probs per token",
         "peak = the largest phase (activations are freed as gradients appear); an estimate, checked against "
         "measured CPU peaks to within a factor of 2 (tests/test_memory.py)"]
     return Report(results, [Table(title, ["component"] + list(results), rows, notes)])

@@ -20,6 +20,11 @@ A sparse target is ``(ids [..., k], log_probs [..., k])``: the log of each entry
 draw for ``sampled``, repeated ids allowed; the teacher's log-probability for ``topk``). Weights summing to less
 than one leave the rest to the tail class. The teacher cache stores exactly this, so live and cached training see
 identical targets. (Sparse-target KD and its biases: Anshumann et al., "Sparse Logit Sampling", ACL 2025.)
+
+The functions on logits (``kd_loss_per_token``, ``distillation_loss``, ``token_metrics``) are the definitions;
+the trainer runs them through ``kd_loss`` and ``validation_sums``, which take the models and apply them per chunk
+of positions with the LM heads inside the chunk (``qat.head``): at Gemma 3's 262,144-piece vocabulary no
+``[micro-batch tokens x vocab]`` tensor of student or teacher, nor their softmaxes or gradients, is alive at once.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from gemma3_qat.errors import InputError
+from gemma3_qat.qat.head import chunk_rows, forward_with_head, fused_head_loss
 
 KD_MODES = ("full", "sampled", "topk")
 
@@ -77,6 +83,19 @@ def draw_uniforms(sample_id: int, start: int, length: int, k: int, seed: int, de
 
 def sparse_target(teacher_logits: torch.Tensor, config: KDConfig, sample_ids: torch.Tensor | None = None) -> SparseTarget:
     """Sampled or top-k target from teacher logits [B, T, V] (see the module docstring)."""
+    b, t, v = teacher_logits.shape
+    sids = positions = None
+    if sample_ids is not None:
+        sids = sample_ids.to(teacher_logits.device).view(b, 1).expand(b, t).reshape(-1)
+        positions = torch.arange(t, device=teacher_logits.device).expand(b, t).reshape(-1)
+    rows = sparse_target_rows(teacher_logits.reshape(b * t, v), config, sids, positions)
+    return SparseTarget(rows.ids.view(b, t, -1), rows.log_probs.view(b, t, -1))
+
+
+def sparse_target_rows(teacher_logits: torch.Tensor, config: KDConfig, sample_ids: torch.Tensor | None = None,
+                       positions: torch.Tensor | None = None) -> SparseTarget:
+    """``sparse_target`` of rows [N, V], each row the position ``positions[i]`` of sample ``sample_ids[i]`` (what
+    keys a sampled row's draws): any subset of a batch's positions, in any chunking, gets the same ids."""
     logp = F.log_softmax(teacher_logits.float() / config.temperature, dim=-1)
     k = min(config.k, logp.size(-1))
     if config.mode == "topk":
@@ -84,16 +103,24 @@ def sparse_target(teacher_logits: torch.Tensor, config: KDConfig, sample_ids: to
         return SparseTarget(ids, picked)
     if config.mode != "sampled":
         raise InputError(f"{config.mode} KD has no sparse target")
-    if sample_ids is None:
+    if sample_ids is None or positions is None:
         raise InputError("sampled KD needs the sample ids that key its draws")
-    ids = torch.empty(*logp.shape[:2], k, dtype=torch.long, device=logp.device)
+    n = logp.size(0)
+    ids = torch.empty(n, k, dtype=torch.long, device=logp.device)
+    if n == 0:
+        return SparseTarget(ids, torch.empty(0, k, device=logp.device))
+    # runs of consecutive positions of one sample within one NOISE_BLOCK: one block of uniforms each, and the
+    # CDF's memory stays [NOISE_BLOCK, V]
+    new_run = torch.ones(n, dtype=torch.bool, device=logp.device)
+    new_run[1:] = ((sample_ids[1:] != sample_ids[:-1]) | (positions[1:] != positions[:-1] + 1)
+                   | (positions[1:] % NOISE_BLOCK == 0))
+    starts = new_run.nonzero().flatten().tolist() + [n]
+    sids, pos = sample_ids.tolist(), positions.tolist()
     last = logp.size(-1) - 1
-    for b, sid in enumerate(sample_ids.tolist()):
-        for start in range(0, logp.size(1), NOISE_BLOCK):  # block by block: the CDF's memory stays [64, V]
-            end = min(start + NOISE_BLOCK, logp.size(1))
-            cdf = logp[b, start:end].exp().cumsum(-1)
-            u = draw_uniforms(sid, start, end - start, k, config.seed, logp.device) * cdf[:, -1:]
-            ids[b, start:end] = torch.searchsorted(cdf, u, right=True).clamp_(max=last)  # inverse CDF
+    for a, b in zip(starts[:-1], starts[1:]):
+        cdf = logp[a:b].exp().cumsum(-1)
+        u = draw_uniforms(sids[a], pos[a], b - a, k, config.seed, logp.device) * cdf[:, -1:]
+        ids[a:b] = torch.searchsorted(cdf, u, right=True).clamp_(max=last)  # inverse CDF
     return SparseTarget(ids, torch.full(ids.shape, -math.log(k), device=logp.device))
 
 
@@ -173,6 +200,157 @@ def token_metrics(student_logits: torch.Tensor, labels: torch.Tensor, *, teacher
     if teacher_top1 is not None:
         out["top1"] = (s.argmax(-1) == teacher_top1).float()
     return out
+
+
+# ------------------------------------------------------------------------------------------------- chunked
+# The trainer's loss and validation: the functions above, applied chunk by chunk of positions with the LM heads
+# inside the chunk (``head``), so that no [micro-batch tokens x vocab] tensor of student or teacher, nor their
+# softmaxes or gradients, is alive for the whole micro-batch. Masked positions are dropped before the head.
+
+
+@dataclass
+class _Rows:
+    """One micro-batch's per-position inputs, flattened to the valid (label != -100) positions."""
+
+    valid: torch.Tensor  # [B * (T-1)] bool
+    labels: torch.Tensor  # [N]
+    sample_ids: torch.Tensor | None  # [N]: what keys sampled draws
+    positions: torch.Tensor | None  # [N]
+    teacher_hidden: torch.Tensor | None = None  # [N, H] the live teacher's final hidden states
+    teacher_head: object = None  # its head.OutputHead
+    target: SparseTarget | None = None  # [N, k] cached targets
+    teacher_top1: torch.Tensor | None = None  # [N] cached top-1 ids
+
+    @classmethod
+    def of(cls, labels, sample_ids, teacher, input_ids, target=None, teacher_top1=None) -> "_Rows":
+        shifted = labels[:, 1:]
+        b, t = shifted.shape
+        valid = (shifted != -100).reshape(-1)
+        sids = positions = None
+        if sample_ids is not None:
+            sids = sample_ids.to(labels.device).view(b, 1).expand(b, t).reshape(-1)[valid]
+            positions = torch.arange(t, device=labels.device).expand(b, t).reshape(-1)[valid]
+        rows = cls(valid, shifted.reshape(-1)[valid], sids, positions)
+        if teacher is not None:
+            hidden, rows.teacher_head = teacher_hidden(teacher, input_ids)
+            rows.teacher_hidden = rows.take(hidden)
+        if target is not None:
+            rows.target = SparseTarget(rows.take(target.ids, shifted=False),
+                                       rows.take(target.log_probs, shifted=False))
+        if teacher_top1 is not None:
+            rows.teacher_top1 = rows.take(teacher_top1, shifted=False)
+        return rows
+
+    def take(self, x: torch.Tensor, shifted: bool = True) -> torch.Tensor:
+        """[B, T, ...] (or already aligned [B, T-1, ...]) -> [N, ...] at the valid positions."""
+        x = x[:, :-1] if shifted else x
+        return x.reshape(-1, *x.shape[2:])[self.valid]
+
+    @torch.no_grad()
+    def teacher(self, s: int, e: int, config: KDConfig) -> tuple[torch.Tensor | None, SparseTarget | None]:
+        """(teacher logits, sparse target) of rows s:e: the live teacher's head per chunk, or the cache's rows."""
+        if self.teacher_hidden is None:
+            return None, SparseTarget(self.target.ids[s:e], self.target.log_probs[s:e])
+        logits = self.teacher_head.logits(self.teacher_hidden[s:e])
+        if config.mode == "full":
+            return logits, None
+        sids = self.sample_ids[s:e] if self.sample_ids is not None else None
+        pos = self.positions[s:e] if self.positions is not None else None
+        return logits, sparse_target_rows(logits, config, sids, pos)
+
+
+@torch.no_grad()
+def teacher_hidden(teacher, input_ids: torch.Tensor):
+    """(final hidden states [B, T, H], head) of the teacher: its forward without the full logits."""
+    return forward_with_head(teacher, lambda hidden, head: (None, (hidden, head)), input_ids=input_ids)[1]
+
+
+@torch.no_grad()
+def teacher_targets(teacher, input_ids: torch.Tensor, config: KDConfig, sample_ids: torch.Tensor | None = None,
+                    rows: int | None = None) -> tuple[SparseTarget, torch.Tensor]:
+    """(sparse target [B, T-1, k], top-1 ids [B, T-1]) of every next-token position, the teacher's head run per
+    chunk of positions (what a teacher cache stores: ``sparse_target`` of the full logits, without them)."""
+    hidden, head = teacher_hidden(teacher, input_ids)
+    b, t = input_ids.shape[0], input_ids.shape[1] - 1
+    h = hidden[:, :-1].reshape(b * t, -1)
+    sids = sample_ids.to(h.device).view(b, 1).expand(b, t).reshape(-1) if sample_ids is not None else None
+    positions = torch.arange(t, device=h.device).expand(b, t).reshape(-1)
+    step = rows or chunk_rows(head.vocab)
+    ids, log_probs, top1 = [], [], []
+    for s in range(0, b * t, step):
+        e = min(s + step, b * t)
+        logits = head.logits(h[s:e])
+        part = sparse_target_rows(logits, config, sids[s:e] if sids is not None else None, positions[s:e])
+        ids.append(part.ids)
+        log_probs.append(part.log_probs)
+        top1.append(logits.argmax(-1))
+    k = ids[0].shape[-1] if ids else min(config.k, head.vocab)
+    return (SparseTarget(torch.cat(ids).view(b, t, k), torch.cat(log_probs).view(b, t, k)),
+            torch.cat(top1).view(b, t))
+
+
+def kd_loss(student, input_ids: torch.Tensor, labels: torch.Tensor, config: KDConfig, *, teacher=None,
+            target: SparseTarget | None = None, sample_ids: torch.Tensor | None = None,
+            normalizer: float | None = None, rows: int | None = None) -> tuple[torch.Tensor, dict]:
+    """``distillation_loss`` of one micro-batch, run end to end and chunked: (loss, {"kd_loss", "ce_loss"}).
+
+    ``labels`` [B, T] as packed (shifted here); the target comes from the live ``teacher`` (its hidden states,
+    then its head per chunk; ``sample_ids`` key the sampled draws) or is ``target`` [B, T-1, k] (a teacher cache).
+    ``normalizer`` as in ``distillation_loss``; ``rows``: positions per chunk (default ``head.chunk_rows``).
+    Same loss and gradients as ``distillation_loss`` on full logits, to float rounding (``tests/test_distill.py``).
+    """
+    side = _Rows.of(labels, sample_ids, teacher, input_ids, target=target)
+    n = normalizer if normalizer is not None else side.valid.sum().clamp(min=1)
+    parts = {"kd_loss": 0.0, "ce_loss": 0.0}  # detached sums, on the device (no sync per chunk)
+
+    def chunk_loss(logits, s, e):
+        teacher_logits, sparse = side.teacher(s, e, config)
+        if sparse is not None:
+            teacher_logits = None  # the target is drawn: the chunk's teacher logits can go now
+        kd = kd_loss_per_token(logits, config, teacher_logits=teacher_logits, target=sparse).sum() / n
+        parts["kd_loss"] = parts["kd_loss"] + kd.detach()
+        if config.alpha == 0:
+            return kd
+        ce = F.cross_entropy(logits.float(), side.labels[s:e], reduction="sum") / n
+        parts["ce_loss"] = parts["ce_loss"] + ce.detach()
+        return (1 - config.alpha) * kd + config.alpha * ce
+
+    def consume(hidden, head):
+        return fused_head_loss(side.take(hidden), head, chunk_loss, rows), None
+
+    loss, _ = forward_with_head(student, consume, input_ids=input_ids)
+    if config.alpha == 0:
+        del parts["ce_loss"]
+    return loss.reshape(()), parts
+
+
+@torch.no_grad()
+def validation_sums(student, input_ids: torch.Tensor, labels: torch.Tensor, config: KDConfig, *, teacher=None,
+                    target: SparseTarget | None = None, teacher_top1: torch.Tensor | None = None,
+                    sample_ids: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
+    """[KL, KD loss, top-1 agreement, NLL, count] summed over one micro-batch's valid positions (``token_metrics``
+    and ``kd_loss_per_token``, chunked as ``kd_loss``). With a cache (``target``, ``teacher_top1`` [B, T-1]) the KL
+    sum is 0: a cache holds no full distribution."""
+    side = _Rows.of(labels, sample_ids, teacher, input_ids, target=target, teacher_top1=teacher_top1)
+
+    def consume(hidden, head):
+        h = side.take(hidden)
+        sums = torch.zeros(5, device=h.device)
+        step = rows or chunk_rows(head.vocab)
+        for s in range(0, h.shape[0], step):
+            e = min(s + step, h.shape[0])
+            logits = head.logits(h[s:e])
+            teacher_logits, sparse = side.teacher(s, e, config)
+            top1 = side.teacher_top1[s:e] if side.teacher_top1 is not None else None
+            m = token_metrics(logits, side.labels[s:e], teacher_logits=teacher_logits, teacher_top1=top1)
+            kd = kd_loss_per_token(logits, config, teacher_logits=teacher_logits if config.mode == "full" else None,
+                                   target=sparse)
+            kl = m["kl"].sum() if "kl" in m else torch.zeros((), device=h.device)
+            sums += torch.stack([kl, kd.sum(), m["top1"].sum(), m["nll"].sum(),
+                                 torch.tensor(float(e - s), device=h.device)])
+        return None, sums
+
+    return forward_with_head(student, consume, input_ids=input_ids)[1]
 
 
 def teacher_dtype(cuda: bool) -> torch.dtype:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gemma3_qat.qat.distill import KDConfig, SparseTarget, sparse_target
+from gemma3_qat.qat.distill import KDConfig, SparseTarget, teacher_targets
 from gemma3_qat.errors import InputError, MissingFileError
 
 CACHE_VERSION = 2  # 2: unbiased sampled targets, top-k with its tail class
@@ -73,13 +73,13 @@ def build_teacher_cache(teacher, train_data, valid_data, kd: KDConfig, output: P
         with ArrowWriter(features=_features(seq_len, k), path=str(output / f"{split}.arrow")) as writer:
             for start in range(0, len(data), batch_size):
                 rows = torch.arange(start, min(start + batch_size, len(data)))
-                logits = teacher(input_ids=data.input_ids[rows].to(device)).logits[:, :-1]
-                target = sparse_target(logits, kd, sample_ids=rows)
+                # the teacher's head per chunk of positions: no [batch x seq x vocab] logits (distill.teacher_targets)
+                target, top1 = teacher_targets(teacher, data.input_ids[rows].to(device), kd, sample_ids=rows)
                 writer.write_batch({
                     "row": rows.numpy(),
                     "ids": list(target.ids.to(torch.int32).cpu().numpy()),
                     "log_probs": list(target.log_probs.float().cpu().numpy()),
-                    "top1": list(logits.argmax(-1).to(torch.int32).cpu().numpy()),
+                    "top1": list(top1.to(torch.int32).cpu().numpy()),
                 })
                 log(f"teacher cache {split}: {rows[-1] + 1}/{len(data)} rows")
             writer.finalize()

@@ -8,7 +8,9 @@ Features and their flags (every recipe key is a flag too, except the five in ``R
 tuning knobs set in a recipe: ``validation_percent``, ``min_lr_ratio``, ``fake_quant_cache``, ``eval_rows``,
 ``keep_checkpoints``):
 * formats ``--format int4-block|int4-channel|sfp8``, ``--quantize-embeddings`` (the tied table, lookup and head)
-* KD ``--kd full|sampled|topk``, ``--kd-k``, ``--kd-temperature``, ``--kd-alpha`` (mix in the next-token loss)
+* KD ``--kd full|sampled|topk``, ``--kd-k``, ``--kd-temperature``, ``--kd-alpha`` (mix in the next-token loss),
+  computed in chunks of positions with the LM heads inside the chunk (``distill.kd_loss``, ``head``): no
+  ``[tokens x vocab]`` tensor for a whole micro-batch, in training or validation
 * teacher: live (frozen, eval mode; bf16 on CUDA, fp32 on CPU) or ``--teacher-cache DIR`` (no teacher in memory)
 * data: ``--data FILE[:WEIGHT]`` (jsonl/json/parquet/txt or hub ids; ``text`` or chat ``messages``), packing,
   ``--assistant-only``
@@ -48,8 +50,7 @@ from gemma3_qat.checkpoint import (MANIFEST, QAT_JSON, TRAIN_CONFIG, QATMetadata
 from gemma3_qat.errors import CorruptFileError, Gemma3QATError, InputError, MissingFileError, OutputExistsError
 from gemma3_qat.formats import FormatError, get_format
 from gemma3_qat.qat.data import MixtureSampler, setup_run_data
-from gemma3_qat.qat.distill import (KDConfig, distillation_loss, kd_loss_per_token, load_teacher,
-                                    shift_for_next_token, sparse_target, token_metrics)
+from gemma3_qat.qat.distill import KDConfig, kd_loss, load_teacher, validation_sums
 
 __all__ = ["QATRecipe", "TrainConfig", "TrainingError", "TrainingStopped", "latest_run", "resolve_recipe", "train"]
 
@@ -357,17 +358,6 @@ class QATRecipe:
         self._previous_handlers = {}
 
     # ------------------------------------------------------------------------------------------------ one step
-    def _targets(self, rows: torch.Tensor, input_ids: torch.Tensor):
-        """(teacher_logits or None, sparse target or None), aligned with the shifted labels."""
-        kd = self.config.kd_config
-        if self.teacher_cache is not None:
-            return None, self.teacher_cache.target(rows, split="train", device=self.device)
-        with torch.no_grad(), self.accelerator.autocast():
-            logits = self.teacher(input_ids=input_ids).logits[:, :-1]
-        if kd.mode == "full":
-            return logits, None
-        return None, sparse_target(logits, kd, sample_ids=rows)
-
     def train_step(self) -> dict:
         c, acc = self.config, self.accelerator
         rows = self.sampler.rows_for_step(self.step, c.batch_size)
@@ -379,14 +369,14 @@ class QATRecipe:
         for i, micro in enumerate(mine.split(c.micro_batch_size)):
             input_ids = self.train_data.input_ids[micro].to(self.device)
             labels = self.train_data.labels[micro].to(self.device)
-            teacher_logits, target = self._targets(micro, input_ids)
+            target = None
+            if self.teacher_cache is not None:
+                target = self.teacher_cache.target(micro, split="train", device=self.device)
             sync = i == self.accumulation - 1
             with acc.no_sync(self.student) if not sync else nullcontext():
-                with acc.autocast():
-                    logits = self.student(input_ids=input_ids).logits
-                logits, shifted = shift_for_next_token(logits, labels)
-                loss, parts = distillation_loss(logits, shifted, c.kd_config, teacher_logits=teacher_logits,
-                                                target=target, normalizer=normalizer)
+                with acc.autocast():  # student and teacher forward; the loss chunked with the heads (distill.kd_loss)
+                    loss, parts = kd_loss(self.student, input_ids, labels, c.kd_config, teacher=self.teacher,
+                                          target=target, sample_ids=micro, normalizer=normalizer)
                 acc.backward(loss)
             sums["loss"] += float(loss.detach())
             for k, v in parts.items():
@@ -422,24 +412,13 @@ class QATRecipe:
         for micro in mine.split(c.micro_batch_size):
             input_ids = self.valid_data.input_ids[micro].to(self.device)
             labels = self.valid_data.labels[micro].to(self.device)
+            cached = {}
+            if self.teacher is None:  # the cached targets and top-1 ids of these validation rows
+                cached = {"target": self.teacher_cache.target(micro, split="valid", device=self.device),
+                          "teacher_top1": self.teacher_cache.top1(micro, split="valid", device=self.device)}
             with acc.autocast():
-                logits = self.student(input_ids=input_ids).logits
-            logits, shifted = shift_for_next_token(logits, labels)
-            if self.teacher is not None:
-                with acc.autocast():
-                    t_logits = self.teacher(input_ids=input_ids).logits[:, :-1]
-                m = token_metrics(logits, shifted, teacher_logits=t_logits)
-                target = None if kd.mode == "full" else sparse_target(t_logits, kd, sample_ids=micro)
-            else:  # the cached targets and top-1 ids of these validation rows
-                t_logits = None
-                target = self.teacher_cache.target(micro, split="valid", device=self.device)
-                m = token_metrics(logits, shifted,
-                                  teacher_top1=self.teacher_cache.top1(micro, split="valid", device=self.device))
-                m["kl"] = torch.zeros_like(m["nll"])
-            kd_loss = kd_loss_per_token(logits, kd, teacher_logits=t_logits, target=target)
-            mask = m["mask"].float()
-            sums += torch.stack([(m["kl"] * mask).sum(), (kd_loss * mask).sum(), (m["top1"] * mask).sum(),
-                                 (m["nll"] * mask).sum(), mask.sum()])
+                sums += validation_sums(self.student, input_ids, labels, kd, teacher=self.teacher, sample_ids=micro,
+                                        **cached)
         sums = acc.reduce(sums, reduction="sum")
         n = max(float(sums[4]), 1.0)
         return {"val_kl": float(sums[0]) / n if self.teacher is not None else None, "val_kd_loss": float(sums[1]) / n,
