@@ -114,7 +114,7 @@ def train(
 ):
     """Quantization-aware training by distillation from the unquantized checkpoint.
 
-    With no flags: the embedded default model and data on the CPU, in about 8 minutes (2 cores).
+    With no flags: the embedded default model and data on the CPU, in 8-14 minutes (2 cores).
 
     Examples:
       gemma3-qat train --format int4-block

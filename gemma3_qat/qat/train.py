@@ -575,7 +575,10 @@ class QATRecipe:
                     metrics.update(last_val)
                 record({"step": self.step, "fake_quant": True, **metrics})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                                **{k: f"{last_val[k]:.4f}" for k in ("val_kd_loss",) if k in last_val})
+                                # KL to the teacher when there is one; with a cache, the KD loss
+                                **{k: f"{last_val[k]:.4f}" for k in ("val_kl", "val_kd_loss")
+                                   if last_val.get(k) is not None and not (k == "val_kd_loss"
+                                                                            and last_val.get("val_kl") is not None)})
                 bar.update(1)
                 if self.step % c.save_every == 0 or self.stop_requested:
                     self.save_checkpoint(last_val)
