@@ -185,17 +185,20 @@ def token_metrics(student_logits: torch.Tensor, labels: torch.Tensor, *, teacher
     * ``kl``   KL(teacher || student) over the full vocabulary (needs ``teacher_logits``);
     * ``top1`` 1 where the student's most likely id is the teacher's (``teacher_logits``, or the teacher's top-1
                ids ``teacher_top1`` as a teacher cache stores them);
+    * ``teacher_nll`` the teacher's NLL of the label (with ``teacher_logits``: its log-softmax is computed anyway);
     * ``mask`` the positions whose label is not -100 (the others hold meaningless values: sum under the mask).
 
     The trainer's validation, ``evaluate`` and the embedded model's pretraining all use it, so a number means the
     same thing wherever it is printed.
     """
     mask = labels != -100
+    index = labels.clamp(min=0).unsqueeze(-1)
     s = F.log_softmax(student_logits.float(), dim=-1)
-    out = {"mask": mask, "nll": -s.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)}
+    out = {"mask": mask, "nll": -s.gather(-1, index).squeeze(-1)}
     if teacher_logits is not None:
         t = F.log_softmax(teacher_logits.float(), dim=-1)
         out["kl"] = (t.exp() * (t - s)).sum(-1)
+        out["teacher_nll"] = -t.gather(-1, index).squeeze(-1)
         teacher_top1 = t.argmax(-1)
     if teacher_top1 is not None:
         out["top1"] = (s.argmax(-1) == teacher_top1).float()
