@@ -64,7 +64,9 @@ def formats(as_json: bool = typer.Option(False, "--json", help="Machine-readable
 
 # ---------------------------------------------------------------------------------------------------------- train
 # Options shared by `train` and `teacher-cache`. None = take the recipe's value (or the built-in default).
-Recipe = Annotated[Optional[Path], typer.Option(help="Recipe YAML (recipes/*.yaml); flags override its values.")]
+Recipe = Annotated[Optional[Path], typer.Option(help="Recipe YAML, or a shipped recipe's name (gemma3-1b-int4-block); "
+                                                 "flags override its values. Default: the --model's released size's "
+                                                 "recipe for --format (270m ... 27b), else recipes/default.yaml.")]
 Model = Annotated[Optional[str], typer.Option(help="Checkpoint to start from: local HF dir or hub id. "
                                                    "Default: the embedded model.")]
 Teacher = Annotated[Optional[str], typer.Option(help="Unquantized reference. Default: --model.")]
@@ -115,6 +117,9 @@ def train(
     """Quantization-aware training by distillation from the unquantized checkpoint.
 
     With no flags: the embedded default model and data on the CPU, in 8-14 minutes (2 cores).
+    The recipe, unless --recipe names one: with --model of a released shape (a gemma-3-270m ... 27b checkpoint or
+    a fine-tune of one), gemma3-<size>-<format>.yaml (~5,000 steps, sized for GPUs); any other --model, or none,
+    default.yaml (400 steps, tuned on the embedded model). The first line of the log says which.
 
     Examples:
       gemma3-qat train --format int4-block
@@ -131,7 +136,9 @@ def train(
         assistant_only=assistant_only, mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing, eval_every=eval_every, save_every=save_every, seed=seed,
         log_with=log_with, output=output)
-    config = TrainConfig.from_recipe(resolve_recipe(recipe, model), **flags)
+    choice = resolve_recipe(recipe, model, format)
+    typer.echo(f"recipe: {choice.why}")
+    config = TrainConfig.from_recipe(choice, **flags)
     run(config, resume=resume, force=force, log=typer.echo)
 
 
@@ -153,7 +160,9 @@ def teacher_cache(
 
     flags = _overrides(model=model, teacher=teacher, data=data, seq_len=seq_len, kd=kd, kd_k=kd_k,
                        kd_temperature=kd_temperature, seed=seed, assistant_only=assistant_only)
-    config = TrainConfig.from_recipe(resolve_recipe(recipe, model), **flags)
+    choice = resolve_recipe(recipe, model)
+    typer.echo(f"recipe: {choice.why}")
+    config = TrainConfig.from_recipe(choice, **flags)
     build_from_config(config, output, force=force, batch_size=batch_size, log=typer.echo)
 
 

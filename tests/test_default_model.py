@@ -73,7 +73,8 @@ def test_wheel_ships_the_assets(tmp_path):
                    "gemma3_qat/assets/default-model/tokenizer.model",
                    "gemma3_qat/assets/default-model/data/validation.jsonl.gz",
                    "gemma3_qat/assets/default-model/data/sample-chat.jsonl",
-                   "gemma3_qat/assets/default-recipe.yaml"):
+                   "gemma3_qat/assets/recipes/default.yaml",
+                   "gemma3_qat/assets/recipes/gemma3-1b-int4-block.yaml"):
         assert needed in names, needed
 
 
@@ -82,6 +83,6 @@ def test_default_recipe_ships_with_the_package():
 
     import gemma3_qat
 
-    shipped = Path(gemma3_qat.__file__).parent / "assets" / "default-recipe.yaml"
-    repo = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"
-    assert repo.is_symlink() and repo.resolve() == shipped.resolve()
+    shipped = Path(gemma3_qat.__file__).parent / "assets" / "recipes"
+    repo = Path(__file__).resolve().parents[1] / "recipes"
+    assert repo.is_symlink() and repo.resolve() == shipped.resolve() and (shipped / "default.yaml").exists()

@@ -292,10 +292,36 @@ def test_recipe_only_keys_are_exactly_the_fields_without_a_flag():
     flags = set(inspect.signature(train_command).parameters)
     assert {f.name for f in fields(TrainConfig)} - flags == set(train_module.RECIPE_ONLY_KEYS)
     assert all(key in train_module.__doc__ for key in train_module.RECIPE_ONLY_KEYS)
-    assert train_module.resolve_recipe(None, None) == train_module.DEFAULT_RECIPE
-    assert train_module.DEFAULT_RECIPE.exists()
-    assert train_module.resolve_recipe(None, "some/model") is None
-    assert train_module.resolve_recipe("r.yaml", None) == "r.yaml"
+
+
+def test_recipe_choice_follows_the_model_size(tmp_path):
+    """No --recipe: the released size's recipe for the format; any other model, or none, default.yaml; never the
+    dataclass defaults. Names of shipped recipes resolve without a path."""
+    from gemma3_qat import models
+    from gemma3_qat.embedded.tiny import tiny_text_config
+    from gemma3_qat.errors import MissingFileError
+    from gemma3_qat.qat.recipes import DEFAULT_RECIPE, RECIPES, resolve_recipe
+
+    assert resolve_recipe(None, None).path == DEFAULT_RECIPE and DEFAULT_RECIPE.exists()
+    real = tmp_path / "270m-finetune"
+    real.mkdir()
+    models.hf_config(models.GEMMA3_SHAPES["270m"]).to_json_file(real / "config.json")
+    assert resolve_recipe(None, str(real)).path == RECIPES / "gemma3-270m-int4-block.yaml"
+    choice = resolve_recipe(None, str(real), "sfp8")
+    assert choice.path == RECIPES / "gemma3-270m-sfp8.yaml" and "270m shape" in choice.why
+    config = TrainConfig.from_recipe(choice, model=str(real), format="sfp8")
+    assert (config.steps, config.seq_len, config.kd) == (5000, 2048, "sampled")  # the 270m recipe's, not defaults
+    small = tmp_path / "small"
+    small.mkdir()
+    tiny_text_config(512, hidden=64, ffn=128, layers=2, heads=2, kv_heads=1, head_dim=32).to_json_file(
+        small / "config.json")
+    choice = resolve_recipe(None, str(small))
+    assert choice.path == DEFAULT_RECIPE and "not one of the released sizes" in choice.why
+    assert TrainConfig.from_recipe(choice, model=str(small)).steps == 400
+    assert resolve_recipe("gemma3-1b-int4-block", None).path == RECIPES / "gemma3-1b-int4-block.yaml"
+    assert resolve_recipe("recipes/gemma3-1b-sfp8.yaml", None).path.exists()
+    with pytest.raises(MissingFileError, match="shipped recipes: .*gemma3-27b-sfp8"):
+        resolve_recipe("gemma3-2b-int4-block", None)
 
 
 def test_peak_memory_is_this_process_high_water_mark_not_the_parent_s(tmp_path):

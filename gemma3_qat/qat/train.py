@@ -51,12 +51,12 @@ from gemma3_qat.errors import CorruptFileError, Gemma3QATError, InputError, Miss
 from gemma3_qat.formats import FormatError, get_format
 from gemma3_qat.qat.data import MixtureSampler, setup_run_data
 from gemma3_qat.qat.distill import KDConfig, kd_loss, load_teacher, validation_sums
+from gemma3_qat.qat.recipes import DEFAULT_RECIPE, RecipeChoice, load_recipe, resolve_recipe  # noqa: F401 (re-exported)
 
 __all__ = ["QATRecipe", "TrainConfig", "TrainingError", "TrainingStopped", "latest_run", "resolve_recipe", "train"]
 
 TRAINER_STATE = "trainer_state.json"  # in checkpoints/step-N/trainer/, next to accelerate's state: step and seed
 RECIPE_ONLY_KEYS = ("validation_percent", "min_lr_ratio", "fake_quant_cache", "eval_rows", "keep_checkpoints")
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "assets" / "default-recipe.yaml"
 
 
 class TrainingError(Gemma3QATError, RuntimeError):
@@ -140,6 +140,8 @@ class TrainConfig:
         if unknown:
             raise InputError(f"unknown recipe keys {unknown}; known keys: {', '.join(sorted(known))}")
         fmt = values.get("format", cls.format)
+        if any(isinstance(v, dict) for v in values.values()):
+            get_format(fmt)  # an unknown --format is named as such, not as a recipe key without its value
         for key, value in values.items():
             if isinstance(value, dict):
                 if fmt not in value:
@@ -147,25 +149,6 @@ class TrainConfig:
                                      f"format {fmt!r}: add one, or pass --{key.replace('_', '-')}")
                 values[key] = value[fmt]
         return cls(**values)
-
-
-def load_recipe(path: Path) -> dict:
-    if not path.exists():
-        raise MissingFileError(f"recipe {path} does not exist; the recipes are in recipes/")
-    values = yaml.safe_load(path.read_text()) or {}
-    base = values.pop("base", None)
-    if base:
-        values = {**load_recipe(path.parent / base), **values}
-    return values
-
-
-def resolve_recipe(recipe: str | Path | None, model: str | None) -> str | Path | None:
-    """The recipe a ``train`` or ``teacher-cache`` run uses: the one given; with neither a recipe nor a model, the
-    embedded default model's tuned recipe (its lr, steps and batch); a model without a recipe: the TrainConfig
-    defaults (the 5,000-step settings of the release recipes)."""
-    if recipe is None and model is None:
-        return DEFAULT_RECIPE
-    return recipe
 
 
 def mixed_precision_for(setting: str, cuda: bool) -> str:
