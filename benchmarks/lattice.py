@@ -16,7 +16,9 @@ bf16 (``export --to safetensors --layout unquantized --dtype bf16``, no qat.json
 Candidates, each against the original run, in PyTorch (fake-quant forward) and in real llama.cpp (their GGUFs), on
 the embedded validation windows: the recovered lattice (``write_recovered_checkpoint``, tie rule q4_0, and the
 smallest / largest consistent scales), and the naive path (the bf16 checkpoint re-quantized to Q4_0 by llama.cpp's
-rule, embedding too): KL(original || candidate) and top-1 agreement.
+rule, embedding too, by our exporter; and in llama.cpp also the way a user without us makes it: llama.cpp's own
+``convert_hf_to_gguf.py`` + ``llama-quantize Q4_0``, when scripts/build_llama_tools.sh has built them):
+KL(original || candidate) and top-1 agreement.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def quality(workdir: Path) -> None:
     print(f"recovered in {time.perf_counter() - t:.1f} s: {result.lines()[0]}")
     for rule in ("smallest", "largest"):
         write_recovered_checkpoint(google, workdir / f"recovered-{rule}", rule=rule, log=None)
-    naive = workdir / "naive"  # the bf16 values with Q4_0's rule applied to them: llama.cpp's convert + quantize
+    naive = workdir / "naive"  # the bf16 values with Q4_0's rule applied to them (by our exporter)
     shutil.copytree(google, naive)
     (naive / "qat.json").write_text(QATMetadata(format="int4-block", quantize_embeddings=True).to_json())
     dirs = {"original": run, "recovered": workdir / "recovered", "recovered, smallest D":
@@ -122,13 +124,21 @@ def quality(workdir: Path) -> None:
     files = {label: workdir / f"{i}.gguf" for i, label in enumerate(dirs)}
     for label, directory in dirs.items():
         export_gguf(directory, files[label], log=None)
+    labels = {"pytorch": list(dirs), "llama.cpp": list(dirs)}
+    from gemma3_qat.runtimes import llama_tools
+
+    if llama_tools.available():  # the path a user without us takes: llama.cpp's own converter and quantizer
+        label = "llama.cpp convert + Q4_0"
+        f32 = llama_tools.convert_hf(google, workdir / "google-f32.gguf")
+        files[label] = llama_tools.quantize(f32, workdir / "llama-q4_0.gguf", "Q4_0", embedding_type="q4_0")
+        labels["llama.cpp"].append(label)
     tokenizer = load_tokenizer(str(google))
     windows, _, name = evaluation_windows(tokenizer, seq_len=256, max_windows=16)
 
-    def compare(backend, logits_of):
+    def compare(backend, logits_of, which):
         ref = list(logits_of("original"))
         print(f"{backend}, {len(windows)} windows x 256 tokens of {name}; against the original run:")
-        for label in dirs:
+        for label in which:
             kl, agree, n = 0.0, 0, 0
             for a, b in zip(ref, list(logits_of(label))):  # a list: run each generator to its end
                 p, q = a.log_softmax(-1), b.log_softmax(-1)
@@ -137,8 +147,10 @@ def quality(workdir: Path) -> None:
                 n += a.shape[0]
             print(f"  {label:24s} KL mean {kl / n:.3g}, top-1 agreement {100 * agree / n:.2f}%")
 
-    compare("PyTorch (fake-quant forward of each QAT checkpoint)", lambda label: pytorch_logits(dirs[label], windows))
-    compare("llama.cpp (each GGUF)", lambda label: llama_cpp_logits(files[label], windows, tokenizer))
+    compare("PyTorch (fake-quant forward of each QAT checkpoint)", lambda label: pytorch_logits(dirs[label], windows),
+            labels["pytorch"])
+    compare("llama.cpp (each GGUF)", lambda label: llama_cpp_logits(files[label], windows, tokenizer),
+            labels["llama.cpp"])
 
 
 def main() -> None:

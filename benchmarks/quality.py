@@ -7,6 +7,14 @@ PTQ (`train --steps 0`) and QAT, both exported to GGUF and evaluated in real lla
 teacher on the shipped validation split (sfp8 also as gemma.cpp's .sbs, run in real gemma.cpp); plus the torchao int4 group-32 grid as a baseline (QAT on torchao's grid,
 then re-quantized to Q4_0 by llama.cpp's rule, which is what a torchao-QAT user shipping GGUF gets). Prints one
 table (and --markdown for the README).
+
+Beside them, the post-training files users actually download, made by llama.cpp's own tools
+(``scripts/build_llama_tools.sh``; ``--no-ptq-baselines`` skips them): from an F32 GGUF of the teacher,
+``llama-quantize`` RTN Q4_0, imatrix Q4_0, imatrix IQ4_NL, Q4_K_M, imatrix Q4_K_M (and Q8_0 for sfp8), the
+importance matrix computed by ``llama-imatrix`` on the text of the very training rows QAT uses; the Q4_0-family
+files with a Q8_0 embedding like ours, the K-quants with llama-quantize's own choice. Every row carries its bits
+per weight (matmuls / whole file): users compare files of a size. ``recovered`` of a llama.cpp file is measured
+against RTN Q4_0. Then one file is scored by ``llama-perplexity --kl-divergence`` too, beside our eval's number.
 """
 
 from __future__ import annotations
@@ -28,6 +36,72 @@ from gemma3_qat.exporters.gguf import export_gguf  # noqa: E402
 from gemma3_qat.qat.train import TrainConfig, train  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"
+# (file name, llama-quantize type, imatrix-weighted, --token-embedding-type, the formats whose peer it is)
+PTQ_FILES = (
+    ("llama-q4_0.gguf", "Q4_0", False, "q8_0", ("int4-block", "int4-channel")),
+    ("llama-imatrix-q4_0.gguf", "Q4_0", True, "q8_0", ("int4-block", "int4-channel")),
+    ("llama-imatrix-iq4_nl.gguf", "IQ4_NL", True, "q8_0", ("int4-block", "int4-channel")),
+    ("llama-q4_k_m.gguf", "Q4_K_M", False, None, ("int4-block", "int4-channel")),
+    ("llama-imatrix-q4_k_m.gguf", "Q4_K_M", True, None, ("int4-block", "int4-channel")),
+    ("llama-q8_0.gguf", "Q8_0", False, None, ("sfp8",)),
+)
+
+
+def calibration_text(out: Path) -> Path:
+    """The text of the training rows QAT uses (the default recipe's data and split), for llama-imatrix."""
+    from gemma3_qat.qat.data import setup_run_data
+
+    data = setup_run_data(TrainConfig.from_recipe(RECIPE), log=lambda *_: None)
+    rows = data.tokenizer.batch_decode(data.train.input_ids.tolist(), skip_special_tokens=True)
+    out.write_text("\n\n".join(r.strip() for r in rows if r.strip()), encoding="utf-8")
+    return out
+
+
+def build_ptq_baselines(workdir: Path, fmts: list[str]) -> list[Path]:
+    """llama.cpp's own PTQ files of the teacher (see the module docstring)."""
+    from gemma3_qat.assets import default_model_path
+    from gemma3_qat.runtimes import llama_tools
+
+    wanted = [f for f in PTQ_FILES if set(f[4]) & set(fmts)]
+    if not wanted:
+        return []
+    teacher = export_gguf(default_model_path(), workdir / "teacher-f32.gguf", plain_type="f32", force=True,
+                          log=None).path
+    imatrix = None
+    if any(f[2] for f in wanted):
+        imatrix = llama_tools.imatrix(teacher, calibration_text(workdir / "calibration.txt"),
+                                      workdir / "imatrix.gguf")
+    out = []
+    for name, qtype, weighted, embedding, _ in wanted:
+        out.append(llama_tools.quantize(teacher, workdir / name, qtype, imatrix_file=imatrix if weighted else None,
+                                        embedding_type=embedding))
+        print(f"built {name} (llama-quantize {qtype}{' --imatrix' if weighted else ''})", flush=True)
+    return out
+
+
+def llama_perplexity_check(workdir: Path, candidate: Path, ours: float) -> str:
+    """``llama-perplexity --kl-divergence`` of one file against the F32 teacher GGUF, on the text of the same
+    evaluation windows, beside our eval's KL of that file."""
+    from gemma3_qat.assets import default_model_path
+    from gemma3_qat.evaluate import evaluation_windows
+    from gemma3_qat.runtimes import llama_tools
+    from gemma3_qat.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(default_model_path()))
+    windows, _, _ = evaluation_windows(tokenizer, seq_len=256, max_windows=64)
+    text = workdir / "eval-windows.txt"
+    text.write_text("".join(tokenizer.batch_decode(windows.tolist(), skip_special_tokens=True)), encoding="utf-8")
+    base = workdir / "teacher.kld"
+    teacher = workdir / "teacher-f32.gguf"
+    llama_tools.perplexity_kld(teacher, text, base, ctx=256, chunks=len(windows), save=True)
+    printout = llama_tools.perplexity_kld(candidate, text, base, ctx=256, chunks=len(windows))
+    import re
+
+    found = re.search(r"Mean\s+KLD:\s+([0-9.eE+-]+)", printout)
+    mean = found.group(1) if found else "?"
+    return (f"# {candidate.name}: llama-perplexity --kl-divergence mean KLD {mean} (teacher = the F32 GGUF in "
+            f"llama.cpp; it scores the second half of each 256-token chunk); our eval {ours:.5f} (teacher = PyTorch, "
+            "every position of the same windows)")
 
 
 class TorchaoInt4G32(formats.WeightFormat):
@@ -71,6 +145,8 @@ def main():
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--no-torchao", action="store_true")
     p.add_argument("--no-gemma-cpp", action="store_true", help="skip the sfp8 .sbs rows (no gemma.cpp binaries)")
+    p.add_argument("--no-ptq-baselines", action="store_true",
+                   help="skip llama.cpp's imatrix / K-quant files (no scripts/build_llama_tools.sh build)")
     args = p.parse_args()
     quiet = lambda *_: None  # noqa: E731
     shutil.rmtree(args.workdir, ignore_errors=True)
@@ -97,7 +173,16 @@ def main():
         ggufs.append(export_gguf(plain, args.workdir / "qat-torchao-int4-g32-requantized-q4_0.gguf",
                                  plain_type="q4_0", force=True, log=None).path)
         print(f"built {ggufs[-1].name}", flush=True)
-    report = evaluate(ggufs, teacher=None, max_windows=64, log=quiet)
+    ptq = [] if args.no_ptq_baselines else build_ptq_baselines(args.workdir, args.formats)
+    report = evaluate(ggufs + ptq, teacher=None, max_windows=64, log=quiet)
+    rtn = next((r for r in report.results if r.name == "llama-q4_0.gguf"), None)
+    for r in report.results:
+        if r.name.startswith("llama-") and rtn is not None and r is not rtn and "q8_0" not in r.name:
+            r.format, r.baseline = "llama.cpp PTQ", rtn.name
+            r.recovered_ppl = (rtn.perplexity - r.perplexity) / (rtn.perplexity - report.teacher_perplexity)
+            r.recovered_kl = (rtn.kl_mean - r.kl_mean) / rtn.kl_mean
+        elif r.name.startswith("llama-"):
+            r.format = "llama.cpp PTQ"
     # the torchao candidate's baseline is int4-block PTQ (the same Q4_0 file format)
     torchao = next((r for r in report.results if "torchao" in r.name), None)
     base = next((r for r in report.results if r.name == "ptq-int4-block.gguf"), None)
@@ -110,6 +195,17 @@ def main():
     print(f"# {report.windows} windows x {report.seq_len} tokens of {report.data}; teacher {report.teacher}; "
           "every .gguf is run in llama.cpp, every .sbs in gemma.cpp")
     print(report.table(markdown=args.markdown))
+    best = min((r for r in report.results if r.name.startswith("llama-") and "q8_0" not in r.name),
+               key=lambda r: r.kl_mean, default=None)
+    for r in report.results:
+        if best is not None and r.name.startswith("qat-int4"):
+            vs_rtn = f"recovers {100 * (1 - r.kl_mean / rtn.kl_mean):.0f}% of llama.cpp RTN Q4_0's KL; " if rtn else ""
+            print(f"# {r.name}: KL {r.kl_mean:.5f}: {vs_rtn}{100 * (1 - r.kl_mean / best.kl_mean):.0f}% below the "
+                  f"best llama.cpp PTQ file ({best.name}, KL {best.kl_mean:.5f}, {best.bits[0]:.2f} bits/weight)")
+    if ptq:
+        check = next((p for p in ptq if "imatrix-q4_k_m" in p.name), ptq[0])
+        ours = next(r.kl_mean for r in report.results if r.name == check.name)
+        print(llama_perplexity_check(args.workdir, check, ours))
 
 
 if __name__ == "__main__":

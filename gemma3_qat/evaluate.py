@@ -38,6 +38,7 @@ class Result:
     recovered_ppl: float | None = None
     recovered_kl: float | None = None
     baseline: str | None = None
+    bits: tuple[float, float] | None = None  # GGUF: bits per weight of the matmuls, of the whole file
 
 
 @dataclass
@@ -52,18 +53,21 @@ class EvalReport:
     def report(self) -> Report:
         """The comparison as one table (``gemma3_qat.report``: the same text / markdown / csv / json as every
         command). Cells are preformatted strings: each metric keeps its own precision."""
-        head = ["candidate", "backend", "format", "steps", "ppl", "KL mean", "KL p99", "top-1", "recovered ppl",
-                "recovered KL"]
-        rows = [["teacher", "pytorch", "-", "-", f"{self.teacher_perplexity:.3f}", "0", "0", "100.0%", "", ""]]
+        head = ["candidate", "backend", "format", "steps", "bits/w", "ppl", "KL mean", "KL p99", "top-1",
+                "recovered ppl", "recovered KL"]
+        rows = [["teacher", "pytorch", "-", "-", "-", f"{self.teacher_perplexity:.3f}", "0", "0", "100.0%", "", ""]]
         for r in self.results:
             pct = lambda x: "" if x is None else f"{100 * x:.0f}%"  # noqa: E731
-            rows.append([r.name, r.backend, r.format, "-" if r.steps is None else str(r.steps), f"{r.perplexity:.3f}",
+            bits = "-" if r.bits is None else f"{r.bits[0]:.2f} / {r.bits[1]:.2f}"
+            rows.append([r.name, r.backend, r.format, "-" if r.steps is None else str(r.steps), bits,
+                         f"{r.perplexity:.3f}",
                          f"{r.kl_mean:.5f}", f"{r.kl_p99:.4f}", f"{100 * r.top1:.1f}%", pct(r.recovered_ppl),
                          pct(r.recovered_kl)])
         title = (f"teacher {self.teacher} vs candidates: {self.windows} windows of {self.seq_len} tokens from "
                  f"{self.data}")
         notes = ["KL = KL(teacher || candidate) per token; recovered = (PTQ - QAT) / (PTQ - teacher), against the "
-                 "0-step candidate of the same format and backend (or --baseline)"]
+                 "0-step candidate of the same format and backend (or --baseline)",
+                 "bits/w = bits per weight of the attention and MLP matmuls / of the whole file (GGUF files)"]
         return Report(self, [Table(title, head, rows, notes)])
 
     def to_json(self) -> str:
@@ -321,7 +325,12 @@ def evaluate(candidates: list[str | Path], *, teacher: str | None = None, data: 
             logits, backend = pytorch_logits(p, windows), "pytorch"
         ppl, kl, kl99, top1, n, t_ppl = _compare_streams(logits, model_logits(teacher_model, windows), labels)
         report.teacher_perplexity = t_ppl  # the same windows and mask for every candidate
-        report.results.append(Result(p.name, backend, fmt, steps, ppl, kl, kl99, top1, n))
+        bits = None
+        if p.suffix == ".gguf":
+            from gemma3_qat.gguf_file import bits_per_weight
+
+            bits = bits_per_weight(p)
+        report.results.append(Result(p.name, backend, fmt, steps, ppl, kl, kl99, top1, n, bits=bits))
         log(f"  {p.name} ({backend}): ppl {ppl:.3f}, KL {kl:.5f}, top-1 {100 * top1:.1f}%")
     _recovered(report, baseline)
     return report

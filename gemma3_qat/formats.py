@@ -292,6 +292,11 @@ class WeightFormat:
         """``dequantize(quantize(weight))`` in fp32, computed without materialising the codes' storage."""
         return self.dequantize(self.quantize(weight))
 
+    def scale_gradient(self, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+        """The gradient a scale derived from the weights passes back to the weight that sets it (see ``_Int4``);
+        None for formats whose scale is not set by one weight."""
+        return None
+
     def tensor_scale(self, maxabs: torch.Tensor) -> torch.Tensor:
         """The per-tensor scale from the tensor's max |w| (formats with ``granularity == "tensor"``)."""
         raise FormatError(f"{self.name} has no per-tensor scale")
@@ -400,6 +405,32 @@ class _Int4(WeightFormat):
             return super().gguf_encode(rows, ggml_type, tensor_scale)
         return q4_0_blocks(self.quantize(rows))  # the trained codes and scales, never re-derived
 
+    def _groups(self, weight: torch.Tensor) -> torch.Tensor:
+        """``[rows, groups, group]`` fp32 view of the weight: the groups that share one scale."""
+        raise NotImplementedError
+
+    def scale_gradient(self, weight, grad):
+        """The learned-step-size (LSQ) gradient of each group's scale, delivered to the weight that sets it.
+
+        The runtime rule ``D = fp16(m / -8)`` (``m`` the group's signed extreme) makes the scale a function of one
+        latent weight, so a scale gradient needs no new parameter: with the rounding straight-through,
+        ``d v_i / d D = q_i - w_i / D`` for ``v_i = q_i D`` (Esser et al., 2020), and ``d D / d m = -1/8``. The
+        returned tensor holds ``-1/8 * sum_i grad_i (q_i - w_i / D)`` at each group's extreme, zeros elsewhere.
+        The forward values, the export and the re-quantization of the latent weights by llama.cpp's own rule are
+        unchanged: the scale is still the runtime's, it only learns where to be."""
+        groups = self._groups(weight)
+        g = grad.detach().to(torch.float32).reshape(groups.shape)
+        inv, scale = _q4_0_scale(groups)
+        q = _q4_0_q(groups, inv).sub_(8.0)
+        D = scale.to(torch.float32)
+        ratio = torch.where(D == 0, torch.zeros_like(groups), groups / torch.where(D == 0, torch.ones_like(D), D))
+        grad_scale = (g * (q - ratio)).sum(dim=-1, keepdim=True)
+        extreme = _signed_extreme(groups)
+        first = (groups == extreme).to(torch.uint8).argmax(dim=-1, keepdim=True)  # the element the rule read
+        out = torch.zeros_like(groups)
+        out.scatter_(-1, first, grad_scale / -8.0)
+        return out.reshape(weight.shape).to(grad.dtype)
+
 
 class Int4Block(_Int4):
     name = "int4-block"
@@ -419,6 +450,8 @@ class Int4Block(_Int4):
         self.check_shape(tuple(weight.shape))
         w = _as_fp32_matrix(weight)
         return w.reshape(w.shape[0], w.shape[1] // Q4_0_BLOCK, Q4_0_BLOCK)
+
+    _groups = _blocks
 
     def quantize(self, weight):
         blocks = self._blocks(weight)
@@ -453,6 +486,10 @@ class Int4Channel(_Int4):
 
     def dequantize(self, qw):
         return _int4_values(qw.codes, qw.scales)
+
+    def _groups(self, weight):
+        self.check_shape(tuple(weight.shape))
+        return _as_fp32_matrix(weight).unsqueeze(1)  # one group: the row
 
     def fake_quantize_values(self, weight):
         self.check_shape(tuple(weight.shape))
@@ -548,9 +585,29 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-def straight_through(latent: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
-    """``quantized`` in the forward pass, identity gradient to ``latent`` in the backward pass."""
+class _StraightThroughWithScale(torch.autograd.Function):
+    """As ``_StraightThrough``, plus ``weight * fmt.scale_gradient`` to the weights that set the scales."""
+
+    @staticmethod
+    def forward(ctx, latent, quantized, fmt, weight):
+        ctx.save_for_backward(latent)
+        ctx.fmt, ctx.weight = fmt, weight
+        return quantized.view_as(quantized)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (latent,) = ctx.saved_tensors
+        extra = ctx.fmt.scale_gradient(latent, grad)
+        return (grad if extra is None else grad + ctx.weight * extra), None, None, None
+
+
+def straight_through(latent: torch.Tensor, quantized: torch.Tensor, *, fmt: "WeightFormat | None" = None,
+                     scale_grad: float = 0.0) -> torch.Tensor:
+    """``quantized`` in the forward pass, identity gradient to ``latent`` in the backward pass; with
+    ``scale_grad > 0`` also ``scale_grad`` times the format's scale gradient (``WeightFormat.scale_gradient``)."""
     if torch.is_grad_enabled() and latent.requires_grad:
+        if scale_grad and fmt is not None:
+            return _StraightThroughWithScale.apply(latent, quantized, fmt, float(scale_grad))
         return _StraightThrough.apply(latent, quantized)
     return quantized
 

@@ -180,3 +180,22 @@ def open_gguf(path: str | Path) -> GGUFReader:
     except Exception as e:  # noqa: BLE001 - whatever the gguf package trips on in a file that passed the checks
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CorruptFileError(f"{path}: the gguf package cannot read it ({first}); {_FIX}") from e
+
+
+def bits_per_weight(path: str | Path) -> tuple[float, float]:
+    """(bits per weight of the language model's matmuls, of the whole file): what a file of a given size buys.
+    The matmuls are the attention and MLP projections (``layout.MATMUL_ROLES``), the tensors every Q4 / Q8 scheme
+    quantizes; the file's figure counts every byte (metadata, vocabulary, embedding, norms) over every weight."""
+    from gemma3_qat.exporters.layout import MATMUL_ROLES, gguf_role
+
+    reader = open_gguf(path)
+    matmul_bytes = matmul_weights = weights = 0
+    for t in reader.tensors:
+        n = int(t.n_elements)
+        weights += n
+        if gguf_role(t.name) in MATMUL_ROLES:
+            matmul_bytes += int(t.n_bytes)
+            matmul_weights += n
+    if not matmul_weights:
+        raise InputError(f"{path} holds no attention or MLP weights under llama.cpp's names: not a Gemma 3 text GGUF")
+    return 8 * matmul_bytes / matmul_weights, 8 * Path(path).stat().st_size / weights

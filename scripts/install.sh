@@ -30,6 +30,8 @@ if [ "${1:-}" = "--test" ]; then
       pip wheel --no-cache-dir --no-deps -w "$wheelhouse" "llama-cpp-python==${LLAMA_CPP_VERSION}"
   fi
   pip install --find-links "$wheelhouse" -e ".[test]"
+  # llama.cpp's own llama-quantize / llama-imatrix / llama-perplexity (the PTQ baselines), same source, cached
+  PYTHON=.venv/bin/python bash scripts/build_llama_tools.sh >/dev/null
 else
   pip install -e .
 fi

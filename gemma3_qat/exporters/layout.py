@@ -111,6 +111,19 @@ def vision_gguf_name(hf_name: str) -> str | None:
     raise ExportError(f"unexpected vision tensor {hf_name!r}")
 
 
+def gguf_role(gguf_name: str) -> str | None:
+    """The role of a tensor in a text GGUF, by its GGUF name (any writer's: llama.cpp's converter uses the same
+    names); None for names this layout does not write."""
+    if gguf_name in _GGUF_TEXT_ROLES:
+        return _GGUF_TEXT_ROLES[gguf_name]
+    m = re.match(r"^blk\.\d+\.(.+)$", gguf_name)
+    return _GGUF_LAYER_ROLES.get(m.group(1)) if m else None
+
+
+_GGUF_LAYER_ROLES = dict(_LAYER_NAMES.values())
+_GGUF_TEXT_ROLES = dict(_TEXT_NAMES.values())
+
+
 def legacy_name(name: str) -> str:
     """HF key in the legacy multimodal layout (``language_model.model.*``, ``vision_tower.vision_model.*``)."""
     name = re.sub(r"^model\.language_model\.", "language_model.model.", name)

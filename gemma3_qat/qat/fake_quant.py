@@ -23,11 +23,12 @@ class FakeQuantizer(nn.Module):
     when weights are sharded (FSDP) so that no full-size copy outlives the forward pass.
     """
 
-    def __init__(self, fmt: str | WeightFormat, enabled: bool = True, cache: bool = True):
+    def __init__(self, fmt: str | WeightFormat, enabled: bool = True, cache: bool = True, scale_grad: float = 0.0):
         super().__init__()
         self.format = get_format(fmt)
         self.enabled = enabled
         self.cache = cache
+        self.scale_grad = scale_grad  # > 0: the scales learn too (``WeightFormat.scale_gradient``), times this
         self._cached: tuple[tuple, torch.Tensor] | None = None
 
     def _key(self, weight: torch.Tensor) -> tuple:
@@ -44,10 +45,10 @@ class FakeQuantizer(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
-        return straight_through(weight, self.quantized_values(weight))
+        return straight_through(weight, self.quantized_values(weight), fmt=self.format, scale_grad=self.scale_grad)
 
     def extra_repr(self) -> str:
-        return f"format={self.format.name}, enabled={self.enabled}, cache={self.cache}"
+        return f"format={self.format.name}, enabled={self.enabled}, cache={self.cache}, scale_grad={self.scale_grad}"
 
 
 class FakeQuantLinear(nn.Linear):

@@ -55,6 +55,7 @@ def prepare(
     *,
     quantize_embeddings: bool = False,
     cache: bool = True,
+    scale_grad: float = 0.0,
 ) -> PrepareReport:
     """Fake-quantize ``model`` in place; returns what was done. See the module docstring."""
     config = fmt if isinstance(fmt, QATConfig) else QATConfig(fmt, quantize_embeddings)
@@ -71,13 +72,13 @@ def prepare(
 
     report = PrepareReport(config)
     for name, linear in linears.items():
-        _set_submodule(model, name, FakeQuantLinear(linear, FakeQuantizer(weight_format, cache=cache)))
+        _set_submodule(model, name, FakeQuantLinear(linear, FakeQuantizer(weight_format, cache=cache, scale_grad=scale_grad)))
         report.quantized.append(name)
 
     if config.quantize_embeddings:
         embed = parts.text_model.embed_tokens
         weight_format.check_shape(tuple(embed.weight.shape))
-        table_quantizer = FakeQuantizer(weight_format, cache=cache)  # one quantizer: lookup and head share it
+        table_quantizer = FakeQuantizer(weight_format, cache=cache, scale_grad=scale_grad)  # one quantizer: lookup and head share it
         embed_name = (parts.text_prefix + "." if parts.text_prefix else "") + "embed_tokens"
         _set_submodule(model, embed_name, FakeQuantEmbedding(embed, table_quantizer))
         report.quantized.append(embed_name)

@@ -4,9 +4,9 @@
     accelerate launch --config_file recipes/accelerate/fsdp-8gpu.yaml -m gemma3_qat.cli train \\
         --recipe recipes/gemma3-27b-int4-block.yaml
 
-Features and their flags (every recipe key is a flag too, except the five in ``RECIPE_ONLY_KEYS``, which are
+Features and their flags (every recipe key is a flag too, except the six in ``RECIPE_ONLY_KEYS``, which are
 tuning knobs set in a recipe: ``validation_percent``, ``min_lr_ratio``, ``fake_quant_cache``, ``eval_rows``,
-``keep_checkpoints``):
+``keep_checkpoints``, ``scale_grad``):
 * formats ``--format int4-block|int4-channel|sfp8``, ``--quantize-embeddings`` (the tied table, lookup and head)
 * KD ``--kd full|sampled|topk``, ``--kd-k``, ``--kd-temperature``, ``--kd-alpha`` (mix in the next-token loss),
   computed in chunks of positions with the LM heads inside the chunk (``distill.kd_loss``, ``head``): no
@@ -56,7 +56,8 @@ from gemma3_qat.qat.recipes import DEFAULT_RECIPE, RecipeChoice, load_recipe, re
 __all__ = ["QATRecipe", "TrainConfig", "TrainingError", "TrainingStopped", "latest_run", "resolve_recipe", "train"]
 
 TRAINER_STATE = "trainer_state.json"  # in checkpoints/step-N/trainer/, next to accelerate's state: step and seed
-RECIPE_ONLY_KEYS = ("validation_percent", "min_lr_ratio", "fake_quant_cache", "eval_rows", "keep_checkpoints")
+RECIPE_ONLY_KEYS = ("validation_percent", "min_lr_ratio", "fake_quant_cache", "eval_rows", "keep_checkpoints",
+                    "scale_grad")
 
 
 class TrainingError(Gemma3QATError, RuntimeError):
@@ -99,6 +100,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU
     fake_quant_cache: str = "auto"  # reuse fake-quant values between optimizer steps; auto: off under FSDP
+    # int4: the scales learn too, LSQ's gradient through the weight that sets each scale (formats.scale_gradient),
+    # times this (0: plain straight-through). The runtime rule is kept: exports and re-quantization stay exact.
+    scale_grad: float = 0.0
     eval_every: int = 50
     eval_rows: int = 32
     save_every: int = 100
@@ -117,6 +121,8 @@ class TrainConfig:
             raise InputError(f"--fake-quant-cache must be auto, on or off, got {self.fake_quant_cache!r}")
         if self.steps < 0:
             raise InputError(f"--steps must be 0 (post-training quantization only) or more, got {self.steps}")
+        if not (self.scale_grad >= 0):
+            raise InputError(f"scale_grad must be >= 0 (0: straight-through only), got {self.scale_grad!r}")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             raise InputError(f"--mixed-precision must be auto, no or bf16 (fp16 overflows in Gemma 3), got "
                              f"{self.mixed_precision!r}")
@@ -252,7 +258,8 @@ class QATRecipe:
         if c.seq_len > context:
             raise InputError(f"--seq-len {c.seq_len} is beyond the model's context of {context} tokens")
         cache = fake_quant_cache_on(c.fake_quant_cache, self.is_fsdp)
-        self.prepare_report = prepare(student, c.format, quantize_embeddings=c.quantize_embeddings, cache=cache)
+        self.prepare_report = prepare(student, c.format, quantize_embeddings=c.quantize_embeddings, cache=cache,
+                                      scale_grad=c.scale_grad)
         if c.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.config.use_cache = False

@@ -1,6 +1,6 @@
 """llama.cpp's own quantization tools: the post-training baselines users download, made the way they are made.
 
-``llama-imatrix`` (the importance matrix: per-column mean squared activations of every matmul, over calibration
+``convert_hf_to_gguf.py`` (llama.cpp's HF-to-GGUF converter, with its own gguf-py), ``llama-imatrix`` (the importance matrix: per-column mean squared activations of every matmul, over calibration
 text), ``llama-quantize`` (RTN / imatrix-weighted Q4_0, the K-quants, IQ4_NL; the quantizer of every community
 GGUF) and ``llama-perplexity --kl-divergence``, built from the llama.cpp that our llama-cpp-python wheel vendors
 by ``scripts/build_llama_tools.sh`` (``scripts/install.sh --test`` runs it). They are found in
@@ -88,3 +88,19 @@ def perplexity_kld(model: Path, text: Path, base: Path, *, ctx: int, chunks: int
     args = ["-m", model, "-f", text, "-c", ctx, "--chunks", chunks, "-t", THREADS, "-b", ctx]
     args += ["--kl-divergence-base", base] if save else [flag, "--kl-divergence-base", base]
     return _run("llama-perplexity", *args)
+
+
+def convert_hf(checkpoint: Path, out: Path, *, outtype: str = "f32") -> Path:
+    """llama.cpp's own ``convert_hf_to_gguf.py`` of an HF checkpoint directory (what a user without us runs)."""
+    import os as _os
+    import sys
+
+    d = tools_dir()
+    env = dict(_os.environ, PYTHONPATH=str(d / "gguf-py"))  # the converter's own gguf-py, not the installed one
+    proc = subprocess.run([sys.executable, str(d / "convert_hf_to_gguf.py"), str(checkpoint), "--outtype", outtype,
+                           "--outfile", str(out)], capture_output=True, text=True, env=env, timeout=3600)
+    if proc.returncode != 0 or not out.exists():
+        lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+        raise LlamaToolError(f"convert_hf_to_gguf.py failed (exit {proc.returncode}): "
+                             f"{lines[-1] if lines else 'no output'}")
+    return out
