@@ -38,7 +38,7 @@ class Result:
     recovered_ppl: float | None = None
     recovered_kl: float | None = None
     baseline: str | None = None
-    bits: tuple[float, float] | None = None  # GGUF: bits per weight of the matmuls, of the whole file
+    bits: list[float] | None = None  # GGUF: [bits per weight of the matmuls, of the whole file]
 
 
 @dataclass
@@ -329,7 +329,7 @@ def evaluate(candidates: list[str | Path], *, teacher: str | None = None, data: 
         if p.suffix == ".gguf":
             from gemma3_qat.gguf_file import bits_per_weight
 
-            bits = bits_per_weight(p)
+            bits = list(bits_per_weight(p))
         report.results.append(Result(p.name, backend, fmt, steps, ppl, kl, kl99, top1, n, bits=bits))
         log(f"  {p.name} ({backend}): ppl {ppl:.3f}, KL {kl:.5f}, top-1 {100 * top1:.1f}%")
     _recovered(report, baseline)

@@ -50,7 +50,8 @@ def test_json_and_style_flags():
 def _eval_report():
     return EvalReport("teacher-dir", "held-out", 4, 256, 12.3456, [
         Result("ptq", "pytorch", "int4-block", 0, 14.2, 0.02, 0.2, 0.9, 1024),
-        Result("qat.gguf", "llama.cpp", "int4-block", 100, 12.9, 0.012, 0.1, 0.95, 1024, 0.6, 0.4, "ptq")])
+        Result("qat.gguf", "llama.cpp", "int4-block", 100, 12.9, 0.012, 0.1, 0.95, 1024, 0.6, 0.4, "ptq",
+               [4.5, 5.669])])
 
 
 def test_eval_report_uses_the_shared_renderer():
@@ -58,12 +59,13 @@ def test_eval_report_uses_the_shared_renderer():
     assert json.loads(report.to_json()) == dataclasses.asdict(report)  # the JSON it always printed
     md = report.table(markdown=True)
     assert md.startswith("### teacher teacher-dir vs candidates: 4 windows of 256 tokens from held-out")
-    assert "| qat.gguf | llama.cpp | int4-block | 100 | 12.900 | 0.01200 | 0.1000 | 95.0% | 60% | 40% |" in md
+    assert "| qat.gguf | llama.cpp | int4-block | 100 | 4.50 / 5.67 | 12.900 | 0.01200 | 0.1000 | 95.0% | 60% | 40% |" in md
+    assert "| ptq | pytorch | int4-block | 0 | - | 14.200 |" in md
     assert md == report.report().render("markdown")
     text = report.table()
     assert text.splitlines()[2].startswith("---------  ---------")  # the same layout as every command
-    assert "teacher    pytorch    -           -      12.346" in text
-    assert report.table(style="csv").splitlines()[1].startswith("candidate,backend,format,steps,ppl")
+    assert "teacher    pytorch    -           -      -            12.346" in text
+    assert report.table(style="csv").splitlines()[1].startswith("candidate,backend,format,steps,bits/w,ppl")
 
 
 def test_plan_report_totals_by_type():
