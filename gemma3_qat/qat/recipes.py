@@ -29,7 +29,7 @@ DEFAULT_FORMAT = "int4-block"  # TrainConfig's; the per-size recipe of a run tha
 
 @dataclass(frozen=True)
 class RecipeChoice:
-    path: Path | None
+    path: Path
     why: str  # for the log: "recipes/gemma3-1b-int4-block.yaml (google/gemma-3-1b-pt has the 1b shape)"
 
     def __fspath__(self) -> str:

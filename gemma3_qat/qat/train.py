@@ -51,7 +51,7 @@ from gemma3_qat.errors import CorruptFileError, Gemma3QATError, InputError, Miss
 from gemma3_qat.formats import FormatError, get_format
 from gemma3_qat.qat.data import MixtureSampler, setup_run_data
 from gemma3_qat.qat.distill import KDConfig, kd_loss, load_teacher, validation_sums
-from gemma3_qat.qat.recipes import DEFAULT_RECIPE, RecipeChoice, load_recipe, resolve_recipe  # noqa: F401 (re-exported)
+from gemma3_qat.qat.recipes import load_recipe, resolve_recipe  # noqa: F401 (resolve_recipe re-exported)
 
 __all__ = ["QATRecipe", "TrainConfig", "TrainingError", "TrainingStopped", "latest_run", "resolve_recipe", "train"]
 
