@@ -30,7 +30,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # one table at the end, not a progre
 import torch  # noqa: E402
 
 from gemma3_qat import formats  # noqa: E402
-from gemma3_qat.evaluate import evaluate  # noqa: E402
+from gemma3_qat.evaluate import evaluate, set_recovered  # noqa: E402
 from gemma3_qat.exporters.gemma_cpp import export_gemma_cpp  # noqa: E402
 from gemma3_qat.exporters.gguf import export_gguf  # noqa: E402
 from gemma3_qat.qat.train import TrainConfig, train  # noqa: E402
@@ -45,6 +45,8 @@ PTQ_FILES = (
     ("llama-imatrix-q4_k_m.gguf", "Q4_K_M", True, None, ("int4-block", "int4-channel")),
     ("llama-q8_0.gguf", "Q8_0", False, None, ("sfp8",)),
 )
+INT4_PEERS = {f[0] for f in PTQ_FILES if "int4-block" in f[4]}  # the files our Q4_0 rows stand against
+TEACHER_GGUF = "teacher-f32.gguf"  # llama.cpp's PTQ files are quantized from it, and llama-perplexity's base
 
 
 def calibration_text(out: Path) -> Path:
@@ -65,7 +67,7 @@ def build_ptq_baselines(workdir: Path, fmts: list[str]) -> list[Path]:
     wanted = [f for f in PTQ_FILES if set(f[4]) & set(fmts)]
     if not wanted:
         return []
-    teacher = export_gguf(default_model_path(), workdir / "teacher-f32.gguf", plain_type="f32", force=True,
+    teacher = export_gguf(default_model_path(), workdir / TEACHER_GGUF, plain_type="f32", force=True,
                           log=None).path
     imatrix = None
     if any(f[2] for f in wanted):
@@ -92,7 +94,7 @@ def llama_perplexity_check(workdir: Path, candidate: Path, ours: float) -> str:
     text = workdir / "eval-windows.txt"
     text.write_text("".join(tokenizer.batch_decode(windows.tolist(), skip_special_tokens=True)), encoding="utf-8")
     base = workdir / "teacher.kld"
-    teacher = workdir / "teacher-f32.gguf"
+    teacher = workdir / TEACHER_GGUF
     llama_tools.perplexity_kld(teacher, text, base, ctx=256, chunks=len(windows), save=True)
     printout = llama_tools.perplexity_kld(candidate, text, base, ctx=256, chunks=len(windows))
     import re
@@ -177,25 +179,21 @@ def main():
     report = evaluate(ggufs + ptq, teacher=None, max_windows=64, log=quiet)
     rtn = next((r for r in report.results if r.name == "llama-q4_0.gguf"), None)
     for r in report.results:
-        if r.name.startswith("llama-") and rtn is not None and r is not rtn and "q8_0" not in r.name:
-            r.format, r.baseline = "llama.cpp PTQ", rtn.name
-            r.recovered_ppl = (rtn.perplexity - r.perplexity) / (rtn.perplexity - report.teacher_perplexity)
-            r.recovered_kl = (rtn.kl_mean - r.kl_mean) / rtn.kl_mean
-        elif r.name.startswith("llama-"):
+        if r.name.startswith("llama-"):
             r.format = "llama.cpp PTQ"
+            if rtn is not None and r is not rtn and r.name in INT4_PEERS:
+                set_recovered(r, rtn, report.teacher_perplexity)
     # the torchao candidate's baseline is int4-block PTQ (the same Q4_0 file format)
     torchao = next((r for r in report.results if "torchao" in r.name), None)
     base = next((r for r in report.results if r.name == "ptq-int4-block.gguf"), None)
     if torchao and base:
         # a plain re-quantized GGUF records no QAT format or steps: name what it is
         torchao.format, torchao.steps = "torchao int4 g32 -> Q4_0", peer.steps
-        torchao.baseline = base.name
-        torchao.recovered_ppl = (base.perplexity - torchao.perplexity) / (base.perplexity - report.teacher_perplexity)
-        torchao.recovered_kl = (base.kl_mean - torchao.kl_mean) / base.kl_mean
+        set_recovered(torchao, base, report.teacher_perplexity)
     print(f"# {report.windows} windows x {report.seq_len} tokens of {report.data}; teacher {report.teacher}; "
           "every .gguf is run in llama.cpp, every .sbs in gemma.cpp")
     print(report.table(markdown=args.markdown))
-    best = min((r for r in report.results if r.name.startswith("llama-") and "q8_0" not in r.name),
+    best = min((r for r in report.results if r.name in INT4_PEERS),
                key=lambda r: r.kl_mean, default=None)
     for r in report.results:
         if best is not None and r.name.startswith("qat-int4"):

@@ -344,10 +344,15 @@ def _recovered(report: EvalReport, baseline: str | None) -> None:
             continue
         base = next((b for b in report.results if b.name == baseline), None) if baseline else next(
             (b for b in report.results if b.steps == 0 and b.format == r.format and b.backend == r.backend), None)
-        if base is None:
-            continue
-        r.baseline = base.name
-        if base.perplexity != report.teacher_perplexity:
-            r.recovered_ppl = (base.perplexity - r.perplexity) / (base.perplexity - report.teacher_perplexity)
-        if base.kl_mean > 0:
-            r.recovered_kl = (base.kl_mean - r.kl_mean) / base.kl_mean
+        if base is not None:
+            set_recovered(r, base, report.teacher_perplexity)
+
+
+def set_recovered(result: Result, base: Result, teacher_perplexity: float) -> None:
+    """``result``'s recovered fractions against ``base`` (a PTQ file): ``(base - result) / (base - teacher)`` for
+    perplexity, ``(base - result) / base`` for KL (the teacher's KL to itself is 0)."""
+    result.baseline = base.name
+    if base.perplexity != teacher_perplexity:
+        result.recovered_ppl = (base.perplexity - result.perplexity) / (base.perplexity - teacher_perplexity)
+    if base.kl_mean > 0:
+        result.recovered_kl = (base.kl_mean - result.kl_mean) / base.kl_mean

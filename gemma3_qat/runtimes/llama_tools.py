@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from gemma3_qat.errors import InputError, MissingFileError
@@ -25,19 +26,26 @@ class LlamaToolError(InputError):
     """A llama.cpp tool is missing or failed (its last line is quoted)."""
 
 
+def _complete(d: Path) -> bool:
+    """Every tool the build script makes is there (a build cut short leaves some out)."""
+    return all((d / "bin" / tool).is_file() for tool in TOOLS) and (d / "convert_hf_to_gguf.py").is_file()
+
+
 def tools_dir() -> Path:
     """The directory holding ``bin/llama-quantize`` etc.; a one-line error with the fix when there is none."""
     if os.environ.get(ENV_VAR):
         d = Path(os.environ[ENV_VAR])
-        if (d / "bin" / "llama-quantize").is_file():
+        if _complete(d):
             return d
-        raise MissingFileError(f"${ENV_VAR}={d} has no bin/llama-quantize; run scripts/build_llama_tools.sh")
+        raise MissingFileError(f"${ENV_VAR}={d} lacks some of {', '.join(TOOLS)} or convert_hf_to_gguf.py; "
+                               "run scripts/build_llama_tools.sh")
     repo = Path(__file__).resolve().parents[2]
-    found = sorted((repo / ".wheelhouse").glob("llama-tools-*/bin/llama-quantize"), key=lambda p: p.stat().st_mtime)
+    found = sorted((d for d in (repo / ".wheelhouse").glob("llama-tools-*") if _complete(d)),
+                   key=lambda d: d.stat().st_mtime)
     if not found:
         raise MissingFileError("llama.cpp's tools are not built: run scripts/build_llama_tools.sh (about 6 minutes)"
                                f" or set ${ENV_VAR}")
-    return found[-1].parents[1]
+    return found[-1]
 
 
 def available() -> bool:
@@ -48,12 +56,15 @@ def available() -> bool:
     return True
 
 
-def _run(tool: str, *args, timeout: float = 3600) -> str:
-    cmd = [str(tools_dir() / "bin" / tool), *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+def _run(tool: str, *args, timeout: float = 3600, env: dict | None = None) -> str:
+    """Run ``bin/<tool>`` (or a command given whole, as a list) and return its output; a failure quotes its last
+    line."""
+    cmd = [str(tools_dir() / "bin" / tool), *map(str, args)] if isinstance(tool, str) else [*map(str, tool), *args]
+    name = tool if isinstance(tool, str) else Path(tool[-1]).name
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
-        raise LlamaToolError(f"{tool} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
+        raise LlamaToolError(f"{name} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
     return proc.stdout + proc.stderr
 
 
@@ -84,23 +95,16 @@ def quantize(model: Path, out: Path, qtype: str, *, imatrix_file: Path | None = 
 def perplexity_kld(model: Path, text: Path, base: Path, *, ctx: int, chunks: int, save: bool = False) -> str:
     """``llama-perplexity --kl-divergence``: with ``save`` writes the reference logits of ``model`` to ``base``,
     else compares ``model`` with them. Returns llama.cpp's printout (its summary at the end)."""
-    flag = "--kl-divergence-base" if save else "--kl-divergence"
-    args = ["-m", model, "-f", text, "-c", ctx, "--chunks", chunks, "-t", THREADS, "-b", ctx]
-    args += ["--kl-divergence-base", base] if save else [flag, "--kl-divergence-base", base]
-    return _run("llama-perplexity", *args)
+    args = ["-m", model, "-f", text, "-c", ctx, "--chunks", chunks, "-t", THREADS, "-b", ctx,
+            "--kl-divergence-base", base]
+    return _run("llama-perplexity", *args, *([] if save else ["--kl-divergence"]))
 
 
 def convert_hf(checkpoint: Path, out: Path, *, outtype: str = "f32") -> Path:
     """llama.cpp's own ``convert_hf_to_gguf.py`` of an HF checkpoint directory (what a user without us runs)."""
-    import os as _os
-    import sys
-
     d = tools_dir()
-    env = dict(_os.environ, PYTHONPATH=str(d / "gguf-py"))  # the converter's own gguf-py, not the installed one
-    proc = subprocess.run([sys.executable, str(d / "convert_hf_to_gguf.py"), str(checkpoint), "--outtype", outtype,
-                           "--outfile", str(out)], capture_output=True, text=True, env=env, timeout=3600)
-    if proc.returncode != 0 or not out.exists():
-        lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
-        raise LlamaToolError(f"convert_hf_to_gguf.py failed (exit {proc.returncode}): "
-                             f"{lines[-1] if lines else 'no output'}")
+    env = dict(os.environ, PYTHONPATH=str(d / "gguf-py"))  # the converter's own gguf-py, not the installed one
+    _run([sys.executable, d / "convert_hf_to_gguf.py"], checkpoint, "--outtype", outtype, "--outfile", out, env=env)
+    if not out.exists():
+        raise LlamaToolError(f"convert_hf_to_gguf.py wrote no {out}")
     return out
