@@ -7,8 +7,10 @@
 Each variant is ``TrainConfig.from_recipe(recipes/default.yaml, format=..., **variant)`` trained on the embedded
 model and data, each in its own process (``--jobs`` at once, the CPU threads split between them); the table shows
 the final validation KL to the teacher on the training split's held-out rows (``val_kl``, what the recipe comments
-quote), top-1 and perplexity, and the KL relative to the first variant. The quality benchmark
-(``benchmarks/quality.py``) then measures the chosen recipe's exported files in llama.cpp.
+quote), top-1 and perplexity, and the KL relative to the first variant. Each run keeps its directory under
+``--workdir`` (its ``metrics.jsonl`` can be watched while it trains), and each variant's line, with its
+validation-KL curve, is printed as soon as it finishes. The quality benchmark (``benchmarks/quality.py``) then
+measures the chosen recipe's exported files in llama.cpp.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"
 # the sweep behind the current default recipe's int4 settings (see the comments in recipes/default.yaml)
-DEFAULT_SWEEP = ["scale_grad=0,1"]
+DEFAULT_SWEEP = ["ptq_init=rtn,imatrix"]
 
 
 def parse_value(text: str):
@@ -46,26 +48,29 @@ def variants(sets: list[str]) -> list[dict]:
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
-def run_one(variant: dict, fmt: str, steps: int | None, seed: int, threads: int) -> dict:
-    """One training run in a child process; returns its final validation metrics."""
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = dict(variant, format=fmt, seed=seed, output=str(Path(tmp) / "run"))
-        if steps is not None:
-            spec["steps"] = steps
-        code = ("import json, sys\n"
-                "from gemma3_qat.qat.train import TrainConfig, train\n"
-                f"cfg = TrainConfig.from_recipe({str(RECIPE)!r}, **json.loads(sys.argv[1]))\n"
-                "train(cfg, force=True, log=lambda *_: None)\n"
-                "rows = [json.loads(l) for l in open(cfg.output + '/metrics.jsonl')]\n"
-                "val = [r for r in rows if 'val_kl' in r]\n"
-                "print('RESULT ' + json.dumps({'ptq': val[0], 'final': val[-1]}))\n")
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), TQDM_DISABLE="1")
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
+def run_name(variant: dict, seed: int) -> str:
+    return ("-".join(f"{k}={v}" for k, v in variant.items()) or "recipe") + f"-seed{seed}"
+
+
+def run_one(variant: dict, fmt: str, steps: int | None, seed: int, threads: int, workdir: Path) -> dict:
+    """One training run in a child process (its run directory under ``workdir``); returns its validation rows."""
+    out = workdir / run_name(variant, seed)
+    shutil.rmtree(out, ignore_errors=True)
+    spec = dict(variant, format=fmt, seed=seed, output=str(out))
+    if steps is not None:
+        spec["steps"] = steps
+    code = ("import json, sys\n"
+            "from gemma3_qat.qat.train import TrainConfig, train\n"
+            f"cfg = TrainConfig.from_recipe({str(RECIPE)!r}, **json.loads(sys.argv[1]))\n"
+            "train(cfg, force=True, log=lambda *_: None)\n")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TQDM_DISABLE="1")
+    with open(workdir / f"{out.name}.log", "w") as log:
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], stdout=log, stderr=subprocess.STDOUT,
                               env=env)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"variant {variant} failed:\n{proc.stderr[-2000:]}")
-        return json.loads(line[len("RESULT "):])
+    if proc.returncode:
+        raise SystemExit(f"variant {variant} failed (exit {proc.returncode}); see {workdir / (out.name + '.log')}")
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return {"val": [r for r in rows if "val_kl" in r]}
 
 
 def main():
@@ -75,24 +80,34 @@ def main():
     p.add_argument("--steps", type=int, help="default: the recipe's")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--jobs", type=int, default=1, help="variants trained at once (threads split between them)")
+    p.add_argument("--workdir", type=Path, default=Path("runs/sweep"), help="where the runs are kept")
     args = p.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
     todo = [(v, s) for v in variants(args.sets or DEFAULT_SWEEP) for s in args.seeds]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, as_completed
 
+    print(f"# {args.format}, recipes/default.yaml{'' if args.steps is None else f' at {args.steps} steps'}; "
+          f"{len(todo)} runs in {args.workdir} ({args.jobs} at once)", flush=True)
+    results = {}
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda vs: run_one(vs[0], args.format, args.steps, vs[1], threads), todo))
-    first = results[0]["final"]["val_kl"]
-    print(f"# {args.format}, recipes/default.yaml{'' if args.steps is None else f' at {args.steps} steps'}: final "
-          f"validation on the training split's held-out rows (PTQ KL {results[0]['ptq']['val_kl']:.5f})")
+        futures = {pool.submit(run_one, v, args.format, args.steps, s, threads, args.workdir): (i, v, s)
+                   for i, (v, s) in enumerate(todo)}
+        for fut in as_completed(futures):
+            i, v, seed = futures[fut]
+            results[i] = r = fut.result()
+            curve = " ".join(f"{row['step']}:{row['val_kl']:.5f}" for row in r["val"])
+            print(f"done {run_name(v, seed)}: val KL by step {curve}", flush=True)
+    results = [results[i] for i in range(len(todo))]
+    first = results[0]["val"][-1]["val_kl"]
+    print(f"# final validation on the training split's held-out rows (PTQ KL {results[0]['val'][0]['val_kl']:.5f})")
     print("| variant | seed | val KL | vs first | val top-1 | val ppl |")
     print("|---|---|---|---|---|---|")
     for (v, seed), r in zip(todo, results):
-        f = r["final"]
+        f = r["val"][-1]
         name = ", ".join(f"{k}={val}" for k, val in v.items()) or "recipe"
         print(f"| {name} | {seed} | {f['val_kl']:.5f} | {f['val_kl'] / first:.3f}x | {100 * f['val_top1']:.2f}% | "
               f"{f['val_ppl']:.3f} |")
-    print(json.dumps([{"variant": v, "seed": s, **r} for (v, s), r in zip(todo, results)]), file=sys.stderr)
 
 
 if __name__ == "__main__":

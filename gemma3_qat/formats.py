@@ -104,7 +104,13 @@ def _signed_extreme(blocks: torch.Tensor) -> torch.Tensor:
 
 def _q4_0_scale(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_0's scale of each block (last axis): (reciprocal of the unrounded fp32 ``d``, stored ``fp16(d)``)."""
-    d = _signed_extreme(blocks) / -8.0
+    return _q4_0_extreme_and_scale(blocks)[1:]
+
+
+def _q4_0_extreme_and_scale(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m, 1/d, fp16(d))`` of each block: its signed extreme ``m`` (which sets ``d = m / -8``) and the scale."""
+    m = _signed_extreme(blocks)
+    d = m / -8.0
     scale = d.to(torch.float16)
     # ggml: id = d ? 1/d : 0. Where fp16(d) is zero the stored block is zero whatever the codes: inv = 0 gives the
     # canonical codes 8 (what re-quantizing those zeros gives) and avoids 1/d = inf for fp32-subnormal d.
@@ -115,7 +121,7 @@ def _q4_0_scale(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             f"weight magnitude {worst:.6g} is too large for an fp16 int4 scale (|w| must stay below "
             f"{8 * FP16_MAX:.0f}); rescale the weight or keep this tensor unquantized"
         )
-    return inv, scale
+    return m, inv, scale
 
 
 def _q4_0_q(blocks: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
@@ -405,9 +411,26 @@ class _Int4(WeightFormat):
             return super().gguf_encode(rows, ggml_type, tensor_scale)
         return q4_0_blocks(self.quantize(rows))  # the trained codes and scales, never re-derived
 
-    def _groups(self, weight: torch.Tensor) -> torch.Tensor:
+    def groups_of(self, weight: torch.Tensor) -> torch.Tensor:
         """``[rows, groups, group]`` fp32 view of the weight: the groups that share one scale."""
         raise NotImplementedError
+
+    def latent_for_scales(self, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """``weight`` moved just enough that the runtime rule derives ``scales`` (``[rows, groups]``, fp16 values
+        of the rule's sign, ``-sign(m)``; 0 keeps a group as it is): the group's extreme becomes ``-8 D``, weights
+        beyond it on its side are clamped to ``8|D|`` and on the other side to ``7|D|`` (code 7's value). The
+        dequantized values are round-to-nearest with scale ``D``, but for the extreme, which is always ``-8 D``
+        (the rule has one code -8 per group). A scale search (``qat.ptq_init``) thus stays on the runtime's rule
+        and exports stay exact. Returns ``[rows, in]``."""
+        groups = self.groups_of(weight)
+        D = scales.to(torch.float32).reshape(*groups.shape[:2], 1)
+        keep = D == 0
+        sign = torch.where(keep, torch.ones_like(D), -torch.sign(D))  # the extreme's side, made positive
+        bound = 8.0 * D.abs()
+        side = (groups * sign).clamp_(min=-7.0 * D.abs(), max=bound)
+        first = (groups == _signed_extreme(groups)).to(torch.uint8).argmax(dim=-1, keepdim=True)
+        side.scatter_(-1, first, bound)
+        return torch.where(keep, groups, side * sign).reshape(weight.shape)
 
     def scale_gradient(self, weight, grad):
         """The learned-step-size (LSQ) gradient of each group's scale, delivered to the weight that sets it.
@@ -418,14 +441,13 @@ class _Int4(WeightFormat):
         returned tensor holds ``-1/8 * sum_i grad_i (q_i - w_i / D)`` at each group's extreme, zeros elsewhere.
         The forward values, the export and the re-quantization of the latent weights by llama.cpp's own rule are
         unchanged: the scale is still the runtime's, it only learns where to be."""
-        groups = self._groups(weight)
+        groups = self.groups_of(weight)
         g = grad.detach().to(torch.float32).reshape(groups.shape)
-        inv, scale = _q4_0_scale(groups)
+        extreme, inv, scale = _q4_0_extreme_and_scale(groups)
         q = _q4_0_q(groups, inv).sub_(8.0)
         D = scale.to(torch.float32)
         ratio = torch.where(D == 0, torch.zeros_like(groups), groups / torch.where(D == 0, torch.ones_like(D), D))
         grad_scale = (g * (q - ratio)).sum(dim=-1, keepdim=True)
-        extreme = _signed_extreme(groups)
         first = (groups == extreme).to(torch.uint8).argmax(dim=-1, keepdim=True)  # the element the rule read
         out = torch.zeros_like(groups)
         out.scatter_(-1, first, grad_scale / -8.0)
@@ -451,7 +473,7 @@ class Int4Block(_Int4):
         w = _as_fp32_matrix(weight)
         return w.reshape(w.shape[0], w.shape[1] // Q4_0_BLOCK, Q4_0_BLOCK)
 
-    _groups = _blocks
+    groups_of = _blocks
 
     def quantize(self, weight):
         blocks = self._blocks(weight)
@@ -487,7 +509,7 @@ class Int4Channel(_Int4):
     def dequantize(self, qw):
         return _int4_values(qw.codes, qw.scales)
 
-    def _groups(self, weight):
+    def groups_of(self, weight):
         self.check_shape(tuple(weight.shape))
         return _as_fp32_matrix(weight).unsqueeze(1)  # one group: the row
 
@@ -586,19 +608,19 @@ class _StraightThrough(torch.autograd.Function):
 
 
 class _StraightThroughWithScale(torch.autograd.Function):
-    """As ``_StraightThrough``, plus ``weight * fmt.scale_gradient`` to the weights that set the scales."""
+    """As ``_StraightThrough``, plus ``scale_grad * fmt.scale_gradient`` to the weights that set the scales."""
 
     @staticmethod
-    def forward(ctx, latent, quantized, fmt, weight):
+    def forward(ctx, latent, quantized, fmt, scale_grad):
         ctx.save_for_backward(latent)
-        ctx.fmt, ctx.weight = fmt, weight
+        ctx.fmt, ctx.scale_grad = fmt, scale_grad
         return quantized.view_as(quantized)
 
     @staticmethod
     def backward(ctx, grad):
         (latent,) = ctx.saved_tensors
         extra = ctx.fmt.scale_gradient(latent, grad)
-        return (grad if extra is None else grad + ctx.weight * extra), None, None, None
+        return (grad if extra is None else grad + ctx.scale_grad * extra), None, None, None
 
 
 def straight_through(latent: torch.Tensor, quantized: torch.Tensor, *, fmt: "WeightFormat | None" = None,

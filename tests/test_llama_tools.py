@@ -28,15 +28,17 @@ def test_our_q4_0_is_llama_quantize_q4_0(tiny_text_dir, tmp_path):
     assert bits_per_weight(ours)[0] == 4.5 and bits_per_weight(f32)[0] == 32.0
 
 
-@pytest.mark.parametrize("scale_grad", [0.0, 1.0], ids=["straight-through", "learned-scales"])
-def test_qat_unquantized_export_requantizes_losslessly(tiny_text_dir, sample_data, tmp_path, scale_grad):
-    """The runtime rule is kept with or without learned scales, so llama.cpp's own convert_hf_to_gguf.py +
-    llama-quantize Q4_0 of our ``unquantized`` safetensors gives back exactly the GGUF tensors we export."""
+@pytest.mark.parametrize("extra", [{}, {"scale_grad": 1.0}, {"ptq_init": "imatrix"}],
+                         ids=["straight-through", "learned-scales", "imatrix-init"])
+def test_qat_unquantized_export_requantizes_losslessly(tiny_text_dir, sample_data, tmp_path, extra):
+    """The runtime rule is kept with learned scales and with the imatrix-searched start too, so llama.cpp's own
+    convert_hf_to_gguf.py + llama-quantize Q4_0 of our ``unquantized`` safetensors gives back exactly the GGUF
+    tensors we export."""
     from gemma3_qat.qat.train import TrainConfig, train
 
     config = TrainConfig(model=str(tiny_text_dir), format="int4-block", data=[str(sample_data / "text.jsonl")],
                          seq_len=64, batch_size=2, micro_batch_size=2, steps=3, lr=1e-3, warmup_steps=1,
-                         eval_every=100, eval_rows=2, save_every=100, scale_grad=scale_grad,
+                         eval_every=100, eval_rows=2, save_every=100, **extra,
                          output=str(tmp_path / "run"))
     run = train(config, log=lambda *_: None)
     ours = export_gguf(run, tmp_path / "ours.gguf", embedding_type="q8_0", log=None).path

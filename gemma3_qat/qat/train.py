@@ -4,9 +4,9 @@
     accelerate launch --config_file recipes/accelerate/fsdp-8gpu.yaml -m gemma3_qat.cli train \\
         --recipe recipes/gemma3-27b-int4-block.yaml
 
-Features and their flags (every recipe key is a flag too, except the six in ``RECIPE_ONLY_KEYS``, which are
+Features and their flags (every recipe key is a flag too, except the seven in ``RECIPE_ONLY_KEYS``, which are
 tuning knobs set in a recipe: ``validation_percent``, ``min_lr_ratio``, ``fake_quant_cache``, ``eval_rows``,
-``keep_checkpoints``, ``scale_grad``):
+``keep_checkpoints``, ``scale_grad``, ``ptq_init``):
 * formats ``--format int4-block|int4-channel|sfp8``, ``--quantize-embeddings`` (the tied table, lookup and head)
 * KD ``--kd full|sampled|topk``, ``--kd-k``, ``--kd-temperature``, ``--kd-alpha`` (mix in the next-token loss),
   computed in chunks of positions with the LM heads inside the chunk (``distill.kd_loss``, ``head``): no
@@ -57,7 +57,9 @@ __all__ = ["QATRecipe", "TrainConfig", "TrainingError", "TrainingStopped", "late
 
 TRAINER_STATE = "trainer_state.json"  # in checkpoints/step-N/trainer/, next to accelerate's state: step and seed
 RECIPE_ONLY_KEYS = ("validation_percent", "min_lr_ratio", "fake_quant_cache", "eval_rows", "keep_checkpoints",
-                    "scale_grad")
+                    "scale_grad", "ptq_init")
+PTQ_INITS = ("rtn", "imatrix")
+PTQ_INIT_ROWS = 64  # training rows whose activations weigh the imatrix scale search
 
 
 class TrainingError(Gemma3QATError, RuntimeError):
@@ -103,6 +105,9 @@ class TrainConfig:
     # int4: the scales learn too, LSQ's gradient through the weight that sets each scale (formats.scale_gradient),
     # times this (0: plain straight-through). The runtime rule is kept: exports and re-quantization stay exact.
     scale_grad: float = 0.0
+    # int4: where QAT starts. rtn: the checkpoint's weights under the runtime rule (round-to-nearest Q4_0); imatrix:
+    # llama.cpp's imatrix-weighted scale search on the training rows' activations, realised on the rule (ptq_init)
+    ptq_init: str = "rtn"
     eval_every: int = 50
     eval_rows: int = 32
     save_every: int = 100
@@ -123,6 +128,11 @@ class TrainConfig:
             raise InputError(f"--steps must be 0 (post-training quantization only) or more, got {self.steps}")
         if not (self.scale_grad >= 0):
             raise InputError(f"scale_grad must be >= 0 (0: straight-through only), got {self.scale_grad!r}")
+        if self.ptq_init not in PTQ_INITS:
+            raise InputError(f"ptq_init must be one of {', '.join(PTQ_INITS)}, got {self.ptq_init!r}")
+        if self.ptq_init != "rtn" and not hasattr(get_format(self.format), "latent_for_scales"):
+            raise InputError(f"ptq_init: {self.ptq_init} searches int4 scales; {self.format} has none to search "
+                             "(use ptq_init: rtn)")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             raise InputError(f"--mixed-precision must be auto, no or bf16 (fp16 overflows in Gemma 3), got "
                              f"{self.mixed_precision!r}")
@@ -257,6 +267,14 @@ class QATRecipe:
         context = student.config.get_text_config().max_position_embeddings
         if c.seq_len > context:
             raise InputError(f"--seq-len {c.seq_len} is beyond the model's context of {context} tokens")
+        if c.ptq_init == "imatrix" and not self.resume:  # a resumed run's weights come from its checkpoint
+            from gemma3_qat.qat.ptq_init import activation_importance, search_scales
+
+            rows = self.train_data.input_ids[:PTQ_INIT_ROWS]
+            # under FSDP the whole model may not fit one device before sharding: the calibration runs on the CPU
+            device = torch.device("cpu") if self.is_fsdp else self.device
+            importance = activation_importance(student.to(device), rows, c.micro_batch_size)
+            self.log(search_scales(student, c.format, importance).line())
         cache = fake_quant_cache_on(c.fake_quant_cache, self.is_fsdp)
         self.prepare_report = prepare(student, c.format, quantize_embeddings=c.quantize_embeddings, cache=cache,
                                       scale_grad=c.scale_grad)

@@ -1,0 +1,87 @@
+"""QAT started at the imatrix-weighted scale search (``qat.ptq_init``), kept on Q4_0's runtime rule."""
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("fmt", ["int4-block", "int4-channel"])
+def test_latent_for_scales_makes_the_runtime_rule_derive_those_scales(fmt):
+    """The moved latents quantize, by our rule and by the gguf package's Q4_0 quantizer (llama.cpp's reference
+    rule), to exactly the asked scales, with round-to-nearest codes under them."""
+    from gguf import GGMLQuantizationType, quants
+
+    from gemma3_qat.formats import get_format
+
+    torch.manual_seed(0)
+    f = get_format(fmt)
+    w = torch.randn(16, 64) * torch.rand(16, 1)
+    groups = f.groups_of(w)
+    m = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+    factor = torch.empty_like(m).uniform_(7.1, 8.9)  # the search's range: smaller and larger scales than the rule's
+    D = (m / -factor).to(torch.float16)
+    D[0, 0] = 0  # 0 keeps a group as it is
+    latent = f.latent_for_scales(w, D)
+    kept = D == 0
+    assert torch.equal(f.groups_of(latent)[kept], groups[kept])
+    qw = f.quantize(latent)
+    expected = torch.where(kept, f.quantize(w).scales.reshape(D.shape), D)
+    assert torch.equal(qw.scales.reshape(D.shape), expected)
+    # round to nearest under D (ties never occur on random data), clamped to [-8, 7], but the extreme: -8 D
+    values = f.dequantize(qw).reshape(groups.shape)
+    Df = D.float().unsqueeze(-1)
+    rtn = torch.round(groups / torch.where(Df == 0, 1.0, Df)).clamp(-8, 7) * Df
+    first = groups.abs().argmax(dim=-1, keepdim=True)
+    rtn.scatter_(-1, first, -8 * Df)
+    assert torch.equal(values[~kept], rtn[~kept])
+    pushed = (torch.round(groups.gather(-1, first) / Df) > -8).squeeze(-1) & ~kept  # larger scales: extreme at -7
+    assert 0 < int(pushed.sum()) < int((~kept).sum())
+    if fmt == "int4-block":  # llama.cpp's own rule on the latents gives the same blocks
+        ours = f.gguf_encode(latent, GGMLQuantizationType.Q4_0)
+        theirs = quants.quantize(latent.numpy(), GGMLQuantizationType.Q4_0)
+        assert np.array_equal(np.asarray(ours).view(np.uint8).ravel(), theirs.view(np.uint8).ravel())
+
+
+def test_search_lowers_the_weighted_error_and_never_raises_it():
+    from gemma3_qat.formats import get_format
+    from gemma3_qat.qat.ptq_init import SearchReport, search_tensor
+
+    torch.manual_seed(1)
+    f = get_format("int4-block")
+    w = torch.randn(64, 256) * 0.02
+    importance = torch.rand(256) ** 4  # a few columns dominate, as activations do
+    report = SearchReport()
+    latent = search_tensor(f, w, importance, report)
+    assert 0 < report.changed < report.groups
+    assert report.error_searched < 0.97 * report.error_rule
+    # per group: the realised error under the search is never above the rule's
+    weights = (importance * torch.sqrt(w.pow(2).mean(dim=1, keepdim=True) + w.pow(2))).reshape(64, 8, 32)
+    err = lambda v: (weights * (w.reshape(64, 8, 32) - v.reshape(64, 8, 32)) ** 2).sum(-1)  # noqa: E731
+    assert bool((err(f.fake_quantize_values(latent)) <= err(f.fake_quantize_values(w))).all())
+
+
+def test_imatrix_init_starts_qat_below_round_to_nearest(tmp_path):
+    """On the embedded (trained) model and data, step 0 of a run with ptq_init: imatrix has a lower validation
+    KL than the runtime rule's."""
+    import json
+
+    from gemma3_qat.qat.train import TrainConfig, train
+
+    kl = {}
+    for init in ("rtn", "imatrix"):
+        config = TrainConfig(format="int4-block", seq_len=128, batch_size=2, micro_batch_size=2, steps=0, eval_rows=16,
+                             ptq_init=init, output=str(tmp_path / init))
+        run = train(config, log=lambda *_: None)
+        rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+        kl[init] = next(r["val_kl"] for r in rows if "val_kl" in r)
+    assert kl["imatrix"] < kl["rtn"]
+
+
+def test_ptq_init_names_the_choices_and_the_formats_it_applies_to():
+    from gemma3_qat.errors import InputError
+    from gemma3_qat.qat.train import TrainConfig
+
+    with pytest.raises(InputError, match="rtn, imatrix"):
+        TrainConfig(ptq_init="gptq")
+    with pytest.raises(InputError, match="sfp8 has none"):
+        TrainConfig(format="sfp8", ptq_init="imatrix")
