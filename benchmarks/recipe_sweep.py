@@ -79,7 +79,9 @@ def main():
     p.add_argument("--format", default="int4-block")
     p.add_argument("--steps", type=int, help="default: the recipe's")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--jobs", type=int, default=1, help="variants trained at once (threads split between them; on 2 cores two 1-thread runs took ~5.5 s/step each against ~2.1 s/step for one 2-thread run: keep 1 there)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="variants trained at once (threads split between them; on 2 cores two 1-thread runs took "
+                        "~5.5 s/step each against ~2.1 s/step for one 2-thread run: keep 1 there)")
     p.add_argument("--workdir", type=Path, default=Path("runs/sweep"), help="where the runs are kept")
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)

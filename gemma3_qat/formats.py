@@ -102,6 +102,11 @@ def _signed_extreme(blocks: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def _extreme_position(blocks: torch.Tensor, extreme: torch.Tensor) -> torch.Tensor:
+    """Index ``[..., 1]`` of the first element equal to its block's signed extreme: the one the rule read."""
+    return (blocks == extreme).to(torch.uint8).argmax(dim=-1, keepdim=True)
+
+
 def _q4_0_scale(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_0's scale of each block (last axis): (reciprocal of the unrounded fp32 ``d``, stored ``fp16(d)``)."""
     return _q4_0_extreme_and_scale(blocks)[1:]
@@ -415,6 +420,10 @@ class _Int4(WeightFormat):
         """``[rows, groups, group]`` fp32 view of the weight: the groups that share one scale."""
         raise NotImplementedError
 
+    def extremes_of(self, weight: torch.Tensor) -> torch.Tensor:
+        """``[rows, groups, 1]``: each group's signed extreme ``m``, the weight the rule's scale ``m / -8`` reads."""
+        return _signed_extreme(self.groups_of(weight))
+
     def latent_for_scales(self, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """``weight`` moved just enough that the runtime rule derives ``scales`` (``[rows, groups]``, fp16 values
         of the rule's sign, ``-sign(m)``; 0 keeps a group as it is): the group's extreme becomes ``-8 D``, weights
@@ -428,8 +437,7 @@ class _Int4(WeightFormat):
         sign = torch.where(keep, torch.ones_like(D), -torch.sign(D))  # the extreme's side, made positive
         bound = 8.0 * D.abs()
         side = (groups * sign).clamp_(min=-7.0 * D.abs(), max=bound)
-        first = (groups == _signed_extreme(groups)).to(torch.uint8).argmax(dim=-1, keepdim=True)
-        side.scatter_(-1, first, bound)
+        side.scatter_(-1, _extreme_position(groups, _signed_extreme(groups)), bound)
         return torch.where(keep, groups, side * sign).reshape(weight.shape)
 
     def scale_gradient(self, weight, grad):
@@ -448,9 +456,8 @@ class _Int4(WeightFormat):
         D = scale.to(torch.float32)
         ratio = torch.where(D == 0, torch.zeros_like(groups), groups / torch.where(D == 0, torch.ones_like(D), D))
         grad_scale = (g * (q - ratio)).sum(dim=-1, keepdim=True)
-        first = (groups == extreme).to(torch.uint8).argmax(dim=-1, keepdim=True)  # the element the rule read
         out = torch.zeros_like(groups)
-        out.scatter_(-1, first, grad_scale / -8.0)
+        out.scatter_(-1, _extreme_position(groups, extreme), grad_scale / -8.0)
         return out.reshape(weight.shape).to(grad.dtype)
 
 

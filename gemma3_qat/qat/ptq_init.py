@@ -84,7 +84,7 @@ def search_tensor(fmt: WeightFormat, weight: torch.Tensor, importance: torch.Ten
         w = out[s:s + ROWS_PER_CHUNK]
         groups = fmt.groups_of(w)  # [r, g, n]
         weights = (importance.to(w) * torch.sqrt(w.pow(2).mean(dim=1, keepdim=True) + w.pow(2))).reshape(groups.shape)
-        m = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True))  # the rule's extreme (first max |x|)
+        m = fmt.extremes_of(w)  # the weight each group's runtime scale is read from
         best_err = _weighted_error(fmt.fake_quantize_values(w).reshape(groups.shape), groups, weights)
         rule_err = best_err.clone()
         best_scale = torch.zeros_like(best_err)  # 0: keep the group as it is
@@ -112,12 +112,17 @@ def search_tensor(fmt: WeightFormat, weight: torch.Tensor, importance: torch.Ten
     return out
 
 
-def search_scales(model: nn.Module, fmt: str | WeightFormat, importance: dict[str, torch.Tensor]) -> SearchReport:
-    """Move every quantizable Linear's weights of ``model`` (plain, not yet prepared) to its searched scales."""
+def searchable(fmt: str | WeightFormat) -> WeightFormat:
+    """The format, if its scales can be searched (int4); else a one-line error naming the alternative."""
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
     if not hasattr(fmt, "latent_for_scales"):
-        raise InputError(f"ptq_init: imatrix searches int4 scales; {fmt.name} has no per-group scale to search "
-                         "(use ptq_init: rtn)")
+        raise InputError(f"ptq_init: imatrix searches int4 scales; {fmt.name} has none to search (use ptq_init: rtn)")
+    return fmt
+
+
+def search_scales(model: nn.Module, fmt: str | WeightFormat, importance: dict[str, torch.Tensor]) -> SearchReport:
+    """Move every quantizable Linear's weights of ``model`` (plain, not yet prepared) to its searched scales."""
+    fmt = searchable(fmt)
     report = SearchReport()
     with torch.no_grad():
         for name, linear in quantizable_linears(model).items():

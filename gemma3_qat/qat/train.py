@@ -130,9 +130,10 @@ class TrainConfig:
             raise InputError(f"scale_grad must be >= 0 (0: straight-through only), got {self.scale_grad!r}")
         if self.ptq_init not in PTQ_INITS:
             raise InputError(f"ptq_init must be one of {', '.join(PTQ_INITS)}, got {self.ptq_init!r}")
-        if self.ptq_init != "rtn" and not hasattr(get_format(self.format), "latent_for_scales"):
-            raise InputError(f"ptq_init: {self.ptq_init} searches int4 scales; {self.format} has none to search "
-                             "(use ptq_init: rtn)")
+        if self.ptq_init != "rtn":
+            from gemma3_qat.qat.ptq_init import searchable
+
+            searchable(self.format)
         if self.mixed_precision not in ("auto", "no", "bf16"):
             raise InputError(f"--mixed-precision must be auto, no or bf16 (fp16 overflows in Gemma 3), got "
                              f"{self.mixed_precision!r}")

@@ -56,16 +56,18 @@ def available() -> bool:
     return True
 
 
-def _run(tool: str, *args, timeout: float = 3600, env: dict | None = None) -> str:
-    """Run ``bin/<tool>`` (or a command given whole, as a list) and return its output; a failure quotes its last
-    line."""
-    cmd = [str(tools_dir() / "bin" / tool), *map(str, args)] if isinstance(tool, str) else [*map(str, tool), *args]
-    name = tool if isinstance(tool, str) else Path(tool[-1]).name
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+def _call(cmd: list, name: str, *, timeout: float = 3600, env: dict | None = None) -> str:
+    """Run ``cmd`` and return its output; a failure quotes its last line."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
         raise LlamaToolError(f"{name} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
     return proc.stdout + proc.stderr
+
+
+def _run(tool: str, *args, timeout: float = 3600) -> str:
+    """``bin/<tool> args...`` of the built tools."""
+    return _call([tools_dir() / "bin" / tool, *args], tool, timeout=timeout)
 
 
 def imatrix(model: Path, text: Path, out: Path, *, ctx: int = 256, chunks: int | None = None) -> Path:
@@ -104,7 +106,8 @@ def convert_hf(checkpoint: Path, out: Path, *, outtype: str = "f32") -> Path:
     """llama.cpp's own ``convert_hf_to_gguf.py`` of an HF checkpoint directory (what a user without us runs)."""
     d = tools_dir()
     env = dict(os.environ, PYTHONPATH=str(d / "gguf-py"))  # the converter's own gguf-py, not the installed one
-    _run([sys.executable, d / "convert_hf_to_gguf.py"], checkpoint, "--outtype", outtype, "--outfile", out, env=env)
+    _call([sys.executable, d / "convert_hf_to_gguf.py", checkpoint, "--outtype", outtype, "--outfile", out],
+          "convert_hf_to_gguf.py", env=env)
     if not out.exists():
         raise LlamaToolError(f"convert_hf_to_gguf.py wrote no {out}")
     return out
