@@ -81,7 +81,8 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--jobs", type=int, default=1,
                    help="variants trained at once (threads split between them; on 2 cores two 1-thread runs took "
-                        "~5.5 s/step each against ~2.1 s/step for one 2-thread run: keep 1 there)")
+                        "~5.5 s/step each, where one run alone took ~2.1 s/step in an earlier session (not side by "
+                        "side): likely keep 1 there)")
     p.add_argument("--workdir", type=Path, default=Path("runs/sweep"), help="where the runs are kept")
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
