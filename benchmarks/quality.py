@@ -3,7 +3,7 @@
     python benchmarks/quality.py [--formats int4-block int4-channel sfp8] [--steps N] [--workdir runs/quality]
 
 On the embedded default model and its data, with the default recipe (recipes/default.yaml), for each format:
-PTQ (`train --steps 0`) and QAT, both exported to GGUF and evaluated in real llama.cpp against the PyTorch
+PTQ (`train --steps 0`, round to nearest; and the recipe's imatrix-searched start where it has one) and QAT, both exported to GGUF and evaluated in real llama.cpp against the PyTorch
 teacher on the shipped validation split (sfp8 also as gemma.cpp's .sbs, run in real gemma.cpp); plus the torchao int4 group-32 grid as a baseline (QAT on torchao's grid,
 then re-quantized to Q4_0 by llama.cpp's rule, which is what a torchao-QAT user shipping GGUF gets). Prints one
 table (and --markdown for the README).
@@ -160,7 +160,12 @@ def main():
 
     steps = {"steps": args.steps} if args.steps is not None else {}
     for fmt in args.formats:
-        for name, kw in ((f"ptq-{fmt}", {"steps": 0}), (f"qat-{fmt}", steps)):
+        # PTQ is round-to-nearest under the runtime rule (llama-quantize's RTN Q4_0, tensor for tensor), whatever
+        # the recipe starts QAT from; where the recipe starts from the imatrix search, that step 0 is a row too
+        runs = [(f"ptq-{fmt}", {"steps": 0, "ptq_init": "rtn"})]
+        if TrainConfig.from_recipe(RECIPE, format=fmt).ptq_init != "rtn":
+            runs.append((f"ptq-imatrix-{fmt}", {"steps": 0}))
+        for name, kw in (*runs, (f"qat-{fmt}", steps)):
             ckpt = run(name, format=fmt, **kw)
             ggufs.append(export_gguf(ckpt, args.workdir / f"{name}.gguf", force=True, log=None).path)
             print(f"built {ggufs[-1].name}", flush=True)
@@ -183,6 +188,11 @@ def main():
             r.format = "llama.cpp PTQ"
             if rtn is not None and r is not rtn and r.name in INT4_PEERS:
                 set_recovered(r, rtn, report.teacher_perplexity)
+    for r in report.results:  # our imatrix-searched step 0 against our RTN file of the same format
+        if r.name.startswith("ptq-imatrix-"):
+            rtn_ours = next((b for b in report.results if b.name == r.name.replace("ptq-imatrix-", "ptq-")), None)
+            if rtn_ours is not None:
+                set_recovered(r, rtn_ours, report.teacher_perplexity)
     # the torchao candidate's baseline is int4-block PTQ (the same Q4_0 file format)
     torchao = next((r for r in report.results if "torchao" in r.name), None)
     base = next((r for r in report.results if r.name == "ptq-int4-block.gguf"), None)

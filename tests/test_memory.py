@@ -313,7 +313,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
     import torch
     from transformers import Gemma3ForCausalLM
     from gemma3_qat.embedded.tiny import tiny_text_config
-    from gemma3_qat.qat.distill import KDConfig, distillation_loss, shift_for_next_token
+    from gemma3_qat.qat.distill import KDConfig, kd_loss, validation_sums
     from gemma3_qat.qat.prepare import prepare
 
     vocab, seq, micro, ckpt = (int(a) for a in sys.argv[1:5])
@@ -339,15 +339,16 @@ TRAIN_SCRIPT = textwrap.dedent("""
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     kd = KDConfig("full", 256, 1.0, 0.0, 0)
-    for step in range(2):  # the second step runs with AdamW's states allocated
+    for step in range(2):  # the trainer's step (chunked loss, heads inside); the second with AdamW's states
         ids = torch.randint(0, vocab, (micro, seq))
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=ids).logits[:, :-1]
-        logits, labels = shift_for_next_token(student(input_ids=ids).logits, ids)
-        loss, _ = distillation_loss(logits, labels, kd, teacher_logits=teacher_logits)
+        loss, _ = kd_loss(student, ids, ids, kd, teacher=teacher)
         loss.backward()
+        del loss
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    student.eval()
+    with torch.no_grad():  # the trainer's validation of one micro-batch
+        validation_sums(student, ids, ids, kd, teacher=teacher)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so this child would report pytest's peak
     hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     print(json.dumps({"growth": hwm - base}))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from gemma3_qat.memory.base import MemoryInputError, _positive
 from gemma3_qat.memory.kv import _context_warnings
-from gemma3_qat.memory.spec import ModelSpec, model_spec, param_counts
+from gemma3_qat.memory.spec import ModelSpec, model_spec, param_counts, text_tensors
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,11 @@ CHUNK_COPIES = {"full": 7, "sampled": 5, "topk": 5}
 # teacher's probabilities, their difference and product; from a cache, only the student's side.
 VALIDATION_CHUNK_COPIES = {"live": 7, "cache": 3}
 EAGER_SCORE_COPIES = 2  # eager attention keeps the fp32 softmax and its (dropout) output for the value matmul
+# AdamW as the trainer builds it takes torch's default implementation for the device: on CUDA the foreach path,
+# whose temporaries are one fp32 copy of the (sharded) parameters; on the CPU the single-tensor path, one parameter
+# at a time, whose ``exp_avg_sq.sqrt()`` and its division by the bias correction are two fp32 copies of the
+# largest parameter (the embedding) alive at once (measured at the 270M shape: +1,280 MB = 2 x 640 MB).
+CPU_ADAMW_TEMP_COPIES = 2
 
 
 @dataclass
@@ -179,8 +184,10 @@ def training_memory(model: str | ModelSpec, opts: TrainingOptions | None = None,
     Peak: activations are freed during backward as gradients appear, and the optimizer step runs after both, so
     the peak is the largest of four phases: (1) persistent + activations + one loss chunk + the head's gradient
     (the fused head accumulates it in the forward pass); (2) persistent + all gradients + the embedding lookup's
-    dense gradient; (3) persistent + gradients + the foreach AdamW temporaries (one fp32 copy of the shard on
-    CUDA); (4) validation (the periodic and final one: gradients freed, one chunk of the no-grad metrics).
+    dense gradient; (3) persistent + gradients + AdamW's temporaries (CUDA's foreach path: one fp32 copy of the
+    shard; the CPU's single-tensor path: two copies of the largest parameter); (4) validation (the periodic and
+    final one: gradients freed, one chunk of the no-grad metrics). On the CPU, phases 2-4 also carry the freed
+    activations' pages, which the C allocator keeps resident (the peak is the resident set's high-water mark).
     """
     spec = model_spec(model)
     opts = opts or TrainingOptions(**kwargs)
@@ -206,7 +213,17 @@ def training_memory(model: str | ModelSpec, opts: TrainingOptions | None = None,
     comp["activations"] = activation_bytes(spec, opts)
     comp["logits and loss (chunked)"] = logit_bytes(spec, opts)
     comp["validation (chunked)"] = validation_bytes(spec, opts)
-    comp["optimizer step temporaries"] = trainable * 4 // n if opts.device == "cuda" else 0
+    if opts.device == "cuda":
+        comp["optimizer step temporaries"] = trainable * 4 // n
+    else:
+        largest = max(t.numel for t in text_tensors(spec))
+        comp["optimizer step temporaries"] = CPU_ADAMW_TEMP_COPIES * largest * 4
+    # CPU: glibc keeps the pages of freed blocks below its mmap threshold resident, and the activations are such
+    # blocks (tensors of a few MB per layer): after the backward pass they stay in the RSS until the next forward
+    # reuses them, so the later phases carry them (at the 270M shape, rss after zero_grad is persistent + ~1 GB)
+    retained = comp["activations"] if opts.device == "cpu" else 0
+    if retained:
+        comp["freed activations kept resident (cpu)"] = retained
     persistent = sum(comp[k] for k in ("teacher weights", "student weights (fp32)", "fsdp gathered units",
                                        "fake-quant cache (fp32)", "adamw states (2 x fp32)"))
     head_grad = c.embedding * 4 // (n if n > 1 else 1)  # fp32, accumulated by the fused head (qat.head)
@@ -214,9 +231,9 @@ def training_memory(model: str | ModelSpec, opts: TrainingOptions | None = None,
         "forward/backward": persistent + comp["weight copies kept for backward"] + comp["activations"]
         + comp["logits and loss (chunked)"] + c.embedding * 4,
         # the embedding lookup's dense gradient, before it is added to the head's
-        "end of backward": persistent + comp["gradients (fp32)"] + head_grad,
-        "optimizer step": persistent + comp["gradients (fp32)"] + comp["optimizer step temporaries"],
-        "validation": persistent + comp["validation (chunked)"],
+        "end of backward": persistent + comp["gradients (fp32)"] + head_grad + retained,
+        "optimizer step": persistent + comp["gradients (fp32)"] + comp["optimizer step temporaries"] + retained,
+        "validation": persistent + comp["validation (chunked)"] + retained,
     }
     notes = [f"tokens per GPU and micro-step: {opts.tokens:,} ({opts.micro_batch} x {opts.seq_len:,})"]
     if opts.seq_len > spec.context:

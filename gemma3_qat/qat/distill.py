@@ -92,11 +92,17 @@ def sparse_target(teacher_logits: torch.Tensor, config: KDConfig, sample_ids: to
     return SparseTarget(rows.ids.view(b, t, -1), rows.log_probs.view(b, t, -1))
 
 
+def _tempered(logits: torch.Tensor, t: float) -> torch.Tensor:
+    """fp32 logits / t; at t = 1 the logits themselves (the same values: no logit-sized copy, nor its gradient's)."""
+    logits = logits.float()
+    return logits if t == 1 else logits / t
+
+
 def sparse_target_rows(teacher_logits: torch.Tensor, config: KDConfig, sample_ids: torch.Tensor | None = None,
                        positions: torch.Tensor | None = None) -> SparseTarget:
     """``sparse_target`` of rows [N, V], each row the position ``positions[i]`` of sample ``sample_ids[i]`` (what
     keys a sampled row's draws): any subset of a batch's positions, in any chunking, gets the same ids."""
-    logp = F.log_softmax(teacher_logits.float() / config.temperature, dim=-1)
+    logp = F.log_softmax(_tempered(teacher_logits, config.temperature), dim=-1)
     k = min(config.k, logp.size(-1))
     if config.mode == "topk":
         picked, ids = logp.topk(k, dim=-1)
@@ -136,9 +142,9 @@ def kd_loss_per_token(student_logits: torch.Tensor, config: KDConfig, *, teacher
                       target: SparseTarget | None = None) -> torch.Tensor:
     """Cross-entropy of the student against the teacher target, per position [B, T] (fp32)."""
     t = config.temperature
-    student_logp = F.log_softmax(student_logits.float() / t, dim=-1)
+    student_logp = F.log_softmax(_tempered(student_logits, t), dim=-1)
     if config.mode == "full":
-        teacher_p = F.softmax(teacher_logits.float() / t, dim=-1)
+        teacher_p = F.softmax(_tempered(teacher_logits, t), dim=-1)
         return -(teacher_p * student_logp).sum(-1) * t * t
     weights = target.log_probs.exp()
     picked = student_logp.gather(-1, target.ids)
