@@ -360,8 +360,10 @@ TRAIN_SCRIPT = textwrap.dedent("""
 def test_training_prediction_against_measured_peak(tmp_path, checkpointing):
     """Peak RSS growth of 2 QAT steps on CPU (fp32, fake-quant cache on, full KD) vs the predicted peak.
 
-    Loose by design: RSS includes allocator slack and the estimate counts tensors, not the bytes malloc keeps;
-    the prediction has come out at 0.64-0.85 of the measured growth. The test holds it to a factor of 2.
+    Loose by design: at this size RSS is mostly allocator slack and logit-sized buffers, and the estimate counts
+    tensors; the prediction has come out at 0.97 (plain) and 0.72 (checkpointing) of the measured growth. The
+    test holds it to a factor of 2; the 15% bar is checked at the real 270M shape by
+    ``python benchmarks/train_step.py --shape 270m``.
     """
     vocab, seq, micro = 8192, 128, 4  # 512 tokens: the [tokens, vocab] logits dominate, as in real Gemma 3 runs
     shape = {"hidden": 64, "ffn": 256, "sliding_window": 64, "heads": 4, "kv_heads": 1, "head_dim": 32}
