@@ -3,10 +3,11 @@
     python benchmarks/quality.py [--formats int4-block int4-channel sfp8] [--steps N] [--workdir runs/quality]
 
 On the embedded default model and its data, with the default recipe (recipes/default.yaml), for each format:
-PTQ (`train --steps 0`, round to nearest; and the recipe's imatrix-searched start where it has one) and QAT, both exported to GGUF and evaluated in real llama.cpp against the PyTorch
-teacher on the shipped validation split (sfp8 also as gemma.cpp's .sbs, run in real gemma.cpp); plus the torchao int4 group-32 grid as a baseline (QAT on torchao's grid,
-then re-quantized to Q4_0 by llama.cpp's rule, which is what a torchao-QAT user shipping GGUF gets). Prints one
-table (and --markdown for the README).
+PTQ (`train --steps 0`, round to nearest; and the recipe's imatrix-searched start where it has one) and QAT,
+all exported to GGUF and evaluated in real llama.cpp against the PyTorch teacher on the shipped validation split
+(sfp8 also as gemma.cpp's .sbs, run in real gemma.cpp); plus the torchao int4 group-32 grid as a baseline (QAT on
+torchao's grid, then re-quantized to Q4_0 by llama.cpp's rule, which is what a torchao-QAT user shipping GGUF
+gets). Prints one table (and --markdown for the README).
 
 Beside them, the post-training files users actually download, made by llama.cpp's own tools
 (``scripts/build_llama_tools.sh``; ``--no-ptq-baselines`` skips them): from an F32 GGUF of the teacher,
