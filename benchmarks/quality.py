@@ -160,12 +160,14 @@ def main():
         return train(cfg, force=True, log=quiet)
 
     steps = {"steps": args.steps} if args.steps is not None else {}
+    against = {}  # file -> the PTQ file its recovered fractions are measured against (beyond eval's own pairing)
     for fmt in args.formats:
         # PTQ is round-to-nearest under the runtime rule (llama-quantize's RTN Q4_0, tensor for tensor), whatever
         # the recipe starts QAT from; where the recipe starts from the imatrix search, that step 0 is a row too
         runs = [(f"ptq-{fmt}", {"steps": 0, "ptq_init": "rtn"})]
         if TrainConfig.from_recipe(RECIPE, format=fmt).ptq_init != "rtn":
             runs.append((f"ptq-imatrix-{fmt}", {"steps": 0}))
+            against[f"ptq-imatrix-{fmt}.gguf"] = f"ptq-{fmt}.gguf"
         for name, kw in (*runs, (f"qat-{fmt}", steps)):
             ckpt = run(name, format=fmt, **kw)
             ggufs.append(export_gguf(ckpt, args.workdir / f"{name}.gguf", force=True, log=None).path)
@@ -181,26 +183,20 @@ def main():
         ggufs.append(export_gguf(plain, args.workdir / "qat-torchao-int4-g32-requantized-q4_0.gguf",
                                  plain_type="q4_0", force=True, log=None).path)
         print(f"built {ggufs[-1].name}", flush=True)
+        against[ggufs[-1].name] = "ptq-int4-block.gguf"  # the same Q4_0 file format
     ptq = [] if args.no_ptq_baselines else build_ptq_baselines(args.workdir, args.formats)
     report = evaluate(ggufs + ptq, teacher=None, max_windows=64, log=quiet)
-    rtn = next((r for r in report.results if r.name == "llama-q4_0.gguf"), None)
+    by_name = {r.name: r for r in report.results}
+    rtn = by_name.get("llama-q4_0.gguf")
+    if rtn is not None:  # llama.cpp's files against its RTN Q4_0
+        against.update({name: rtn.name for name in INT4_PEERS - {rtn.name}})
     for r in report.results:
         if r.name.startswith("llama-"):
             r.format = "llama.cpp PTQ"
-            if rtn is not None and r is not rtn and r.name in INT4_PEERS:
-                set_recovered(r, rtn, report.teacher_perplexity)
-    for r in report.results:  # our imatrix-searched step 0 against our RTN file of the same format
-        if r.name.startswith("ptq-imatrix-"):
-            rtn_ours = next((b for b in report.results if b.name == r.name.replace("ptq-imatrix-", "ptq-")), None)
-            if rtn_ours is not None:
-                set_recovered(r, rtn_ours, report.teacher_perplexity)
-    # the torchao candidate's baseline is int4-block PTQ (the same Q4_0 file format)
-    torchao = next((r for r in report.results if "torchao" in r.name), None)
-    base = next((r for r in report.results if r.name == "ptq-int4-block.gguf"), None)
-    if torchao and base:
-        # a plain re-quantized GGUF records no QAT format or steps: name what it is
-        torchao.format, torchao.steps = "torchao int4 g32 -> Q4_0", peer.steps
-        set_recovered(torchao, base, report.teacher_perplexity)
+        elif "torchao" in r.name:  # a plain re-quantized GGUF records no QAT format or steps: name what it is
+            r.format, r.steps = "torchao int4 g32 -> Q4_0", peer.steps
+        if against.get(r.name) in by_name:
+            set_recovered(r, by_name[against[r.name]], report.teacher_perplexity)
     print(f"# {report.windows} windows x {report.seq_len} tokens of {report.data}; teacher {report.teacher}; "
           "every .gguf is run in llama.cpp, every .sbs in gemma.cpp")
     print(report.table(markdown=args.markdown))
