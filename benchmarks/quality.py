@@ -178,7 +178,9 @@ def main():
     if not args.no_torchao and "int4-block" in args.formats:
         formats.FORMATS["torchao-int4-g32"] = TorchaoInt4G32()  # registered for this process only
         peer = TrainConfig.from_recipe(RECIPE, format="int4-block", **steps)  # the peer trains like int4-block
-        ckpt = run("qat-torchao-int4-g32", format="torchao-int4-g32", lr=peer.lr, steps=peer.steps)
+        # the recipe's per-format values name our formats only: the peer's lr and start are given (its own grid
+        # has no Q4_0 rule to search on)
+        ckpt = run("qat-torchao-int4-g32", format="torchao-int4-g32", lr=peer.lr, steps=peer.steps, ptq_init="rtn")
         plain = torchao_to_plain_checkpoint(ckpt, args.workdir / "torchao-plain")
         ggufs.append(export_gguf(plain, args.workdir / "qat-torchao-int4-g32-requantized-q4_0.gguf",
                                  plain_type="q4_0", force=True, log=None).path)
