@@ -97,7 +97,8 @@ EAGER_SCORE_COPIES = 2  # eager attention keeps the fp32 softmax and its (dropou
 # AdamW as the trainer builds it takes torch's default implementation for the device: on CUDA the foreach path,
 # whose temporaries are one fp32 copy of the (sharded) parameters; on the CPU the single-tensor path, one parameter
 # at a time, whose ``exp_avg_sq.sqrt()`` and its division by the bias correction are two fp32 copies of the
-# largest parameter (the embedding) alive at once (measured at the 270M shape: +1,280 MB = 2 x 640 MB).
+# largest parameter (the embedding) alive at once (read off the resident set around optimizer.step() at the 270M
+# shape: +1,280 MB = 2 x 640 MB; benchmarks/train_step.py --shape 270m checks the resulting peaks).
 CPU_ADAMW_TEMP_COPIES = 2
 
 
