@@ -1,8 +1,10 @@
 """Quality: teacher vs post-training quantization vs QAT, every candidate exported and run in its runtime.
 
     python benchmarks/quality.py [--formats int4-block int4-channel sfp8] [--steps N] [--workdir runs/quality]
+    python benchmarks/quality.py --model DIR --data FILE[:WEIGHT] ... [--eval-data FILE ...]   # another model
 
-On the embedded default model and its data, with the default recipe (recipes/default.yaml), for each format:
+On the embedded default model and its data (or ``--model`` and its ``--data``: the same recipe, given only another
+model and its data), with the default recipe (recipes/default.yaml), for each format:
 PTQ (`train --steps 0`, round to nearest; and the recipe's imatrix-searched start where it has one) and QAT,
 all exported to GGUF and evaluated in real llama.cpp against the PyTorch teacher on the shipped validation split
 (sfp8 also as gemma.cpp's .sbs, run in real gemma.cpp); plus the torchao int4 group-32 grid as a baseline (QAT on
@@ -50,29 +52,31 @@ INT4_PEERS = {f[0] for f in PTQ_FILES if "int4-block" in f[4]}  # the files our 
 TEACHER_GGUF = "teacher-f32.gguf"  # llama.cpp's PTQ files are quantized from it, and llama-perplexity's base
 
 
-def calibration_text(out: Path) -> Path:
+def calibration_text(out: Path, source: dict | None = None) -> Path:
     """The text of the training rows QAT uses (the default recipe's data and split), for llama-imatrix."""
     from gemma3_qat.qat.data import setup_run_data
 
-    data = setup_run_data(TrainConfig.from_recipe(RECIPE), log=lambda *_: None)
+    data = setup_run_data(TrainConfig.from_recipe(RECIPE, **(source or {})), log=lambda *_: None)
     rows = data.tokenizer.batch_decode(data.train.input_ids.tolist(), skip_special_tokens=True)
     out.write_text("\n\n".join(r.strip() for r in rows if r.strip()), encoding="utf-8")
     return out
 
 
-def build_ptq_baselines(workdir: Path, fmts: list[str]) -> list[Path]:
-    """llama.cpp's own PTQ files of the teacher (see the module docstring)."""
-    from gemma3_qat.assets import default_model_path
+def build_ptq_baselines(workdir: Path, fmts: list[str], source: dict | None = None) -> list[Path]:
+    """llama.cpp's own PTQ files of the teacher (``source``: the run's model and data; default the embedded ones;
+    see the module docstring)."""
+    from gemma3_qat.models import resolve_model
     from gemma3_qat.runtimes import llama_tools
 
     wanted = [f for f in PTQ_FILES if set(f[4]) & set(fmts)]
     if not wanted:
         return []
-    teacher = export_gguf(default_model_path(), workdir / TEACHER_GGUF, plain_type="f32", force=True,
+    source = source or {}
+    teacher = export_gguf(resolve_model(source.get("model")), workdir / TEACHER_GGUF, plain_type="f32", force=True,
                           log=None).path
     imatrix = None
     if any(f[2] for f in wanted):
-        imatrix = llama_tools.imatrix(teacher, calibration_text(workdir / "calibration.txt"),
+        imatrix = llama_tools.imatrix(teacher, calibration_text(workdir / "calibration.txt", source),
                                       workdir / "imatrix.gguf")
     out = []
     for name, qtype, weighted, embedding, _ in wanted:
@@ -82,16 +86,17 @@ def build_ptq_baselines(workdir: Path, fmts: list[str]) -> list[Path]:
     return out
 
 
-def llama_perplexity_check(workdir: Path, candidate: Path, ours: float) -> str:
+def llama_perplexity_check(workdir: Path, candidate: Path, ours: float, model: str | None,
+                           eval_data: list[str] | None) -> str:
     """``llama-perplexity --kl-divergence`` of one file against the F32 teacher GGUF, on the text of the same
     evaluation windows, beside our eval's KL of that file."""
-    from gemma3_qat.assets import default_model_path
     from gemma3_qat.evaluate import evaluation_windows
+    from gemma3_qat.models import resolve_model
     from gemma3_qat.runtimes import llama_tools
     from gemma3_qat.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(str(default_model_path()))
-    windows, _, _ = evaluation_windows(tokenizer, seq_len=256, max_windows=64)
+    tokenizer = load_tokenizer(str(resolve_model(model)))
+    windows, _, _ = evaluation_windows(tokenizer, data=eval_data, seq_len=256, max_windows=64)
     text = workdir / "eval-windows.txt"
     text.write_text("".join(tokenizer.batch_decode(windows.tolist(), skip_special_tokens=True)), encoding="utf-8")
     base = workdir / "teacher.kld"
@@ -105,6 +110,28 @@ def llama_perplexity_check(workdir: Path, candidate: Path, ours: float) -> str:
     return (f"# {candidate.name}: llama-perplexity --kl-divergence mean KLD {mean} (teacher = the F32 GGUF in "
             f"llama.cpp; it scores the second half of each 256-token chunk); our eval {ours:.5f} (teacher = PyTorch, "
             "every position of the same windows)")
+
+
+def size_verdict(qat, ptq) -> str:
+    """The issue's bar for files of a size: the QAT file's KL against each PTQ file of its size (matmul bits within
+    2%: at most 0.6x theirs) and each up to 10% bigger (at most theirs)."""
+    own = qat.bits[0]
+    same = [p for p in ptq if p.bits and p.bits[0] <= own * 1.02]
+    bigger = [p for p in ptq if p.bits and own * 1.02 < p.bits[0] <= own * 1.10]
+    parts = []
+    if same:
+        worst = max(same, key=lambda p: qat.kl_mean / p.kl_mean)
+        ratio = qat.kl_mean / worst.kl_mean
+        parts.append(f"{ratio:.2f}x the KL of {worst.name} (the closest of {len(same)} PTQ files of its size, "
+                     f"bar 0.6x: {'holds' if ratio <= 0.6 else 'MISSED'})")
+    if bigger:
+        beaten = [p.name for p in bigger if p.kl_mean < qat.kl_mean]
+        parts.append(f"{len(bigger)} PTQ file{'s' * (len(bigger) > 1)} up to 10% bigger: "
+                     + (f"MISSED, lower KL in {', '.join(beaten)}" if beaten else "none has less KL (holds)"))
+    others = [f"{p.name} {p.bits[0]:.2f}" for p in ptq if p.bits and p.bits[0] > own * 1.10]
+    if others:
+        parts.append(f"beyond 10% bigger, not compared: {', '.join(others)} bits/weight")
+    return f"# {qat.name} ({own:.2f} bits/weight): " + "; ".join(parts)
 
 
 class TorchaoInt4G32(formats.WeightFormat):
@@ -144,6 +171,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--formats", nargs="+", default=list(formats.FORMATS))
     p.add_argument("--steps", type=int, help="QAT steps (default: the recipe's)")
+    p.add_argument("--model", help="the teacher to quantize, as train --model (default: the embedded model)")
+    p.add_argument("--data", nargs="+", metavar="FILE[:WEIGHT]",
+                   help="its training data, as train --data (required with --model; default: the embedded samples)")
+    p.add_argument("--eval-data", nargs="+", metavar="FILE",
+                   help="the evaluation text, as eval --data (default: the embedded model's held-out stdlib split, "
+                        "held out for any model pretrain-default builds)")
     p.add_argument("--workdir", type=Path, default=Path("runs/quality"))
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--no-torchao", action="store_true")
@@ -151,12 +184,15 @@ def main():
     p.add_argument("--no-ptq-baselines", action="store_true",
                    help="skip llama.cpp's imatrix / K-quant files (no scripts/build_llama_tools.sh build)")
     args = p.parse_args()
+    if args.model and not args.data:
+        p.error("--model needs its --data (the recipe's data is the embedded model's)")
+    source = {"model": args.model, "data": args.data}  # None = the recipe's (the embedded model and samples)
     quiet = lambda *_: None  # noqa: E731
     shutil.rmtree(args.workdir, ignore_errors=True)
     ggufs = []
 
     def run(name: str, **overrides) -> Path:
-        cfg = TrainConfig.from_recipe(RECIPE, output=str(args.workdir / name), **overrides)
+        cfg = TrainConfig.from_recipe(RECIPE, output=str(args.workdir / name), **source, **overrides)
         return train(cfg, force=True, log=quiet)
 
     steps = {"steps": args.steps} if args.steps is not None else {}
@@ -186,8 +222,8 @@ def main():
                                  plain_type="q4_0", force=True, log=None).path)
         print(f"built {ggufs[-1].name}", flush=True)
         against[ggufs[-1].name] = "ptq-int4-block.gguf"  # the same Q4_0 file format
-    ptq = [] if args.no_ptq_baselines else build_ptq_baselines(args.workdir, args.formats)
-    report = evaluate(ggufs + ptq, teacher=None, max_windows=64, log=quiet)
+    ptq = [] if args.no_ptq_baselines else build_ptq_baselines(args.workdir, args.formats, source)
+    report = evaluate(ggufs + ptq, teacher=args.model, data=args.eval_data, max_windows=64, log=quiet)
     by_name = {r.name: r for r in report.results}
     rtn = by_name.get("llama-q4_0.gguf")
     if rtn is not None:  # llama.cpp's files against its RTN Q4_0
@@ -209,10 +245,11 @@ def main():
             vs_rtn = f"recovers {100 * (1 - r.kl_mean / rtn.kl_mean):.0f}% of llama.cpp RTN Q4_0's KL; " if rtn else ""
             print(f"# {r.name}: KL {r.kl_mean:.5f}: {vs_rtn}{100 * (1 - r.kl_mean / best.kl_mean):.0f}% below the "
                   f"best llama.cpp PTQ file ({best.name}, KL {best.kl_mean:.5f}, {best.bits[0]:.2f} bits/weight)")
+            print(size_verdict(r, [p for p in report.results if p.name in INT4_PEERS]))
     if ptq:
         check = next((p for p in ptq if "imatrix-q4_k_m" in p.name), ptq[0])
         ours = next(r.kl_mean for r in report.results if r.name == check.name)
-        print(llama_perplexity_check(args.workdir, check, ours))
+        print(llama_perplexity_check(args.workdir, check, ours, args.model, args.eval_data))
 
 
 if __name__ == "__main__":
