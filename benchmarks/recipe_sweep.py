@@ -3,6 +3,12 @@
     python benchmarks/recipe_sweep.py                                  # the sweep behind the current recipe
     python benchmarks/recipe_sweep.py --set scale_grad=0,1,4 --format int4-block [--steps 400] [--seeds 0 1]
     python benchmarks/recipe_sweep.py --set lr=3e-5,5e-5,7e-5 --set batch_size=8,16 --jobs 2
+    python benchmarks/recipe_sweep.py --set data=default,teacher.jsonl,teacher.jsonl:0.5+text.jsonl:0.5 --llama
+
+``data`` values are ``default`` (the embedded sample data) or ``FILE[:WEIGHT]`` sources joined by ``+``.
+``--llama`` also exports each run to GGUF and measures it in llama.cpp on the embedded model's held-out modules (the
+64 windows of the README's quality table): the number the issue bars are set on, where ``val_kl`` is measured on
+held-out rows of the training data itself.
 
 Each variant is ``TrainConfig.from_recipe(recipes/default.yaml, format=..., **variant)`` trained on the embedded
 model and data, each in its own process (``--jobs`` at once, the CPU threads split between them); the table shows
@@ -29,7 +35,9 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"
 DEFAULT_SWEEP = ["ptq_init=rtn,imatrix"]
 
 
-def parse_value(text: str):
+def parse_value(text: str, key: str = ""):
+    if key == "data":  # a list of sources; "default" = the embedded sample data
+        return [] if text == "default" else text.split("+")
     for cast in (int, float):
         try:
             return cast(text)
@@ -44,15 +52,34 @@ def variants(sets: list[str]) -> list[dict]:
         key, _, values = s.partition("=")
         if not values:
             raise SystemExit(f"--set {s!r}: expected KEY=V1,V2,...")
-        axes.append([(key, parse_value(v)) for v in values.split(",")])
+        axes.append([(key, parse_value(v, key)) for v in values.split(",")])
     return [dict(combo) for combo in itertools.product(*axes)]
 
 
+def _show(value) -> str:
+    if isinstance(value, list):
+        return "+".join(Path(v).name for v in value) or "default"
+    return str(value)
+
+
 def run_name(variant: dict, seed: int) -> str:
-    return ("-".join(f"{k}={v}" for k, v in variant.items()) or "recipe") + f"-seed{seed}"
+    return ("-".join(f"{k}={_show(v)}" for k, v in variant.items()) or "recipe") + f"-seed{seed}"
 
 
-def run_one(variant: dict, fmt: str, steps: int | None, seed: int, threads: int, workdir: Path) -> dict:
+def llama_kl(run: Path, threads: int, windows: int = 64) -> float:
+    """The run exported to GGUF and measured in llama.cpp on the embedded validation split (``gemma3-qat eval``)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TQDM_DISABLE="1")
+    cli = [sys.executable, "-m", "gemma3_qat.cli"]
+    gguf = run.with_suffix(".gguf")
+    subprocess.run(cli + ["export", str(run), "--to", "gguf", "-o", str(gguf), "--force"], check=True, env=env,
+                   capture_output=True)
+    out = subprocess.run(cli + ["eval", str(gguf), "--max-windows", str(windows), "--json"], check=True, env=env,
+                         capture_output=True, text=True).stdout
+    return next(r["kl_mean"] for r in json.loads(out[out.index("{"):])["results"] if r["name"] == gguf.name)
+
+
+def run_one(variant: dict, fmt: str, steps: int | None, seed: int, threads: int, workdir: Path,
+            llama: bool = False) -> dict:
     """One training run in a child process (its run directory under ``workdir``); returns its validation rows."""
     out = workdir / run_name(variant, seed)
     shutil.rmtree(out, ignore_errors=True)
@@ -70,7 +97,7 @@ def run_one(variant: dict, fmt: str, steps: int | None, seed: int, threads: int,
     if proc.returncode:
         raise SystemExit(f"variant {variant} failed (exit {proc.returncode}); see {workdir / (out.name + '.log')}")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    return {"val": [r for r in rows if "val_kl" in r]}
+    return {"val": [r for r in rows if "val_kl" in r], "llama_kl": llama_kl(out, threads) if llama else None}
 
 
 def main():
@@ -84,6 +111,8 @@ def main():
                         "~5.5 s/step each, where one run alone took ~2.1 s/step in an earlier session (not side by "
                         "side): likely keep 1 there)")
     p.add_argument("--workdir", type=Path, default=Path("runs/sweep"), help="where the runs are kept")
+    p.add_argument("--llama", action="store_true",
+                   help="also export each run and measure its KL in llama.cpp on the held-out modules (64 windows)")
     args = p.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     todo = [(v, s) for v in variants(args.sets or DEFAULT_SWEEP) for s in args.seeds]
@@ -94,7 +123,8 @@ def main():
           f"{len(todo)} runs in {args.workdir} ({args.jobs} at once)", flush=True)
     results = {}
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(run_one, v, args.format, args.steps, s, threads, args.workdir): (i, v, s)
+        futures = {pool.submit(run_one, v, args.format, args.steps, s, threads, args.workdir,
+                               args.llama): (i, v, s)
                    for i, (v, s) in enumerate(todo)}
         for fut in as_completed(futures):
             i, v, seed = futures[fut]
@@ -104,13 +134,16 @@ def main():
     results = [results[i] for i in range(len(todo))]
     first = results[0]["val"][-1]["val_kl"]
     print(f"# final validation on the training split's held-out rows (PTQ KL {results[0]['val'][0]['val_kl']:.5f})")
-    print("| variant | seed | val KL | vs first | val top-1 | val ppl |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | seed | val KL | vs first | val top-1 | val ppl |" + (" llama.cpp KL | vs first |" * args.llama))
+    print("|---|---|---|---|---|---|" + "---|---|" * args.llama)
     for (v, seed), r in zip(todo, results):
         f = r["val"][-1]
-        name = ", ".join(f"{k}={val}" for k, val in v.items()) or "recipe"
-        print(f"| {name} | {seed} | {f['val_kl']:.5f} | {f['val_kl'] / first:.3f}x | {100 * f['val_top1']:.2f}% | "
-              f"{f['val_ppl']:.3f} |")
+        name = ", ".join(f"{k}={_show(val)}" for k, val in v.items()) or "recipe"
+        line = (f"| {name} | {seed} | {f['val_kl']:.5f} | {f['val_kl'] / first:.3f}x | {100 * f['val_top1']:.2f}% | "
+                f"{f['val_ppl']:.3f} |")
+        if args.llama:
+            line += f" {r['llama_kl']:.5f} | {r['llama_kl'] / results[0]['llama_kl']:.3f}x |"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -166,6 +166,28 @@ def teacher_cache(
     build_from_config(config, output, force=force, batch_size=batch_size, log=typer.echo)
 
 
+@app.command("sample-data")
+def sample_data(
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSON-lines file to write ({\"text\": ...} rows).")],
+    model: Model = None,
+    rows: Annotated[int, typer.Option(help="Rows to sample.")] = 8192,
+    tokens: Annotated[int, typer.Option(help="Tokens per row (after BOS).")] = 255,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (1: the teacher as it is).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Rows sampled at once.")] = 64,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+):
+    """Sample training text from the unquantized model itself, for `train --data FILE[:WEIGHT]`.
+
+    Distillation on the teacher's own samples teaches the student where the teacher is uncertain, as on text it
+    has not seen; its own training text does not (see README, Quality). Default: the embedded model.
+    """
+    from gemma3_qat.qat.teacher_text import write_teacher_text
+
+    write_teacher_text(output, model=model, rows=rows, tokens=tokens, seed=seed, temperature=temperature,
+                       batch_size=batch_size, force=force, log=typer.echo)
+
+
 def _overrides(**flags) -> dict:
     """The flags given on the command line (None / an empty list = not given: the recipe's value stands)."""
     return {k: v for k, v in flags.items() if v is not None and v != []}

@@ -27,3 +27,17 @@ def test_size_verdict_holds_and_misses():
     worse = quality.size_verdict(row("qat.gguf", 4.5, 0.0095), ptq)
     assert "1.10x the KL of iq4_nl.gguf" in worse and "bar 0.6x: MISSED" in worse
     assert "MISSED, lower KL in q4_k_m.gguf" in worse
+
+
+def test_recipe_sweep_data_variants():
+    """``--set data=...``: ``default`` is the embedded sample data (an empty list), ``+`` joins the sources of one
+    variant, and the run names stay short and distinct."""
+    import recipe_sweep
+
+    got = recipe_sweep.variants(["data=default,/x/teacher.jsonl,/x/teacher.jsonl:0.5+/y/text.jsonl:0.5",
+                                 "lr=5e-5"])
+    assert got == [{"data": [], "lr": 5e-5}, {"data": ["/x/teacher.jsonl"], "lr": 5e-5},
+                   {"data": ["/x/teacher.jsonl:0.5", "/y/text.jsonl:0.5"], "lr": 5e-5}]
+    names = [recipe_sweep.run_name(v, 0) for v in got]
+    assert names[0] == "data=default-lr=5e-05-seed0"
+    assert names[2] == "data=teacher.jsonl:0.5+text.jsonl:0.5-lr=5e-05-seed0" and len(set(names)) == 3
