@@ -134,6 +134,9 @@ def main():
     results = [results[i] for i in range(len(todo))]
     first = results[0]["val"][-1]["val_kl"]
     print(f"# final validation on the training split's held-out rows (PTQ KL {results[0]['val'][0]['val_kl']:.5f})")
+    if any("data" in v for v, _ in todo):
+        print("# val KL is measured on each variant's own data: across data variants compare the llama.cpp column"
+              + ("" if args.llama else " (--llama)"))
     print("| variant | seed | val KL | vs first | val top-1 | val ppl |" + (" llama.cpp KL | vs first |" * args.llama))
     print("|---|---|---|---|---|---|" + "---|---|" * args.llama)
     for (v, seed), r in zip(todo, results):
