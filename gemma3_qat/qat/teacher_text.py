@@ -28,15 +28,19 @@ import torch
 from gemma3_qat.errors import InputError
 
 
+def _check_arguments(rows: int, tokens: int, batch_size: int, temperature: float) -> None:
+    if rows < 1 or tokens < 1 or batch_size < 1:
+        raise InputError("--rows, --tokens and --batch-size must be positive")
+    if temperature <= 0:
+        raise InputError(f"--temperature {temperature} must be positive (1 samples the teacher as it is)")
+
+
 def sample_texts(model, tokenizer, rows: int, tokens: int, *, seed: int = 0, temperature: float = 1.0,
                  batch_size: int = 64, progress: bool = True) -> list[str]:
     """``rows`` texts of ``tokens`` tokens sampled from ``model`` (a causal LM in eval mode), batch by batch."""
     from tqdm.auto import tqdm
 
-    if rows < 1 or tokens < 1 or batch_size < 1:
-        raise InputError("--rows, --tokens and --batch-size must be positive")
-    if temperature <= 0:
-        raise InputError(f"--temperature {temperature} must be positive (1 samples the teacher as it is)")
+    _check_arguments(rows, tokens, batch_size, temperature)
     context = model.config.get_text_config().max_position_embeddings
     if tokens + 1 > context:
         raise InputError(f"--tokens {tokens} is beyond the model's context of {context} tokens")
@@ -72,6 +76,7 @@ def write_teacher_text(output: str | Path, *, model: str | None = None, rows: in
     from gemma3_qat.tokenizer import load_tokenizer
 
     output = Path(output)
+    _check_arguments(rows, tokens, batch_size, temperature)  # before loading the model
     check_output(output, force=force)  # before minutes of sampling, not after
     source = resolve_model(model)
     tokenizer = load_tokenizer(local_tokenizer_dir(source))
