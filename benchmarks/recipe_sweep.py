@@ -70,7 +70,7 @@ def llama_kl(run: Path, threads: int, windows: int = 64) -> float:
     """The run exported to GGUF and measured in llama.cpp on the embedded validation split (``gemma3-qat eval``)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TQDM_DISABLE="1")
     cli = [sys.executable, "-m", "gemma3_qat.cli"]
-    gguf = run.with_suffix(".gguf")
+    gguf = run.parent / f"{run.name}.gguf"  # not with_suffix: run names hold dots (lr=3.5e-05, x.jsonl:0.5)
     subprocess.run(cli + ["export", str(run), "--to", "gguf", "-o", str(gguf), "--force"], check=True, env=env,
                    capture_output=True)
     out = subprocess.run(cli + ["eval", str(gguf), "--max-windows", str(windows), "--json"], check=True, env=env,
