@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from gemma3_qat.checkpoint import atomic_file
 from gemma3_qat.embedded import corpus, samples
 
 
@@ -23,12 +24,9 @@ def main():
     p.add_argument("-o", "--output", type=Path, required=True)
     args = p.parse_args()
     train, _ = corpus.split(corpus.stdlib_documents())
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_name(args.output.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(args.output, force=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in samples.text_samples(train, args.rows, chars=args.chars, seed=args.seed):
             f.write(json.dumps(row) + "\n")
-    tmp.replace(args.output)
     print(f"wrote {args.output}: {args.rows} excerpts of {args.chars} characters from {len(train)} training-split "
           "files")
 

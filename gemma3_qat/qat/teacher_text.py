@@ -54,7 +54,7 @@ def sample_texts(model, tokenizer, rows: int, tokens: int, *, seed: int = 0, tem
     bar = tqdm(total=rows, disable=not progress, desc="sampling the teacher", unit="row")
     for b, start in enumerate(range(0, rows, batch_size)):
         n = min(batch_size, rows - start)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        with torch.random.fork_rng(), torch.no_grad():  # the caller's RNG state is left as it was
             torch.manual_seed(seed * 1_000_003 + b)
             ids = model.generate(torch.full((n, 1), bos, device=device), do_sample=True, temperature=temperature,
                                  top_k=0, top_p=1.0, max_new_tokens=tokens, min_new_tokens=tokens,
@@ -80,8 +80,7 @@ def write_teacher_text(output: str | Path, *, model: str | None = None, rows: in
     check_output(output, force=force)  # before minutes of sampling, not after
     source = resolve_model(model)
     tokenizer = load_tokenizer(local_tokenizer_dir(source))
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    teacher = load_teacher(source, device)
+    teacher = load_teacher(source)  # its placement: the CPU, or spread over the visible GPUs
     texts = sample_texts(teacher, tokenizer, rows, tokens, seed=seed, temperature=temperature,
                          batch_size=batch_size, progress=progress)
     with atomic_file(output, force=force) as tmp:
