@@ -105,3 +105,28 @@ def test_bad_arguments_are_one_line_errors(teacher, kwargs, message):
     args = {"rows": 2, "tokens": 4, **kwargs}
     with pytest.raises(InputError, match=message):
         sample_texts(model, tok, args.pop("rows"), args.pop("tokens"), progress=False, **args)
+
+
+REAL_TOKENIZER = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "gemma3-tokenizer"
+
+
+@pytest.mark.skipif(not (REAL_TOKENIZER / "tokenizer.json").exists(),
+                    reason=f"Google's Gemma 3 tokenizer is not at {REAL_TOKENIZER}")
+def test_samples_with_the_real_262k_tokenizer_train(tmp_path):
+    """The real vocabulary (262,144 rows) and Google's tokenizer saved without ``tokenizer.model``: sampled rows
+    hold no BOS / EOS / padding of their own, and ``train``'s data path reads them back."""
+    from gemma3_qat.embedded.tiny import build_random_gemma3, tiny_architecture
+    from gemma3_qat.qat.data import DataSource, build_data
+    from gemma3_qat.tokenizer import load_tokenizer
+
+    model_dir = build_random_gemma3(tmp_path / "model", tiny_architecture(262_144, hidden=64, ffn=128, layers=1),
+                                    REAL_TOKENIZER)
+    out = write_teacher_text(tmp_path / "t.jsonl", model=str(model_dir), rows=4, tokens=24, batch_size=4,
+                             progress=False, log=lambda *_: None)
+    tok = load_tokenizer(model_dir)
+    texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert len(texts) == 4
+    never = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    assert not never & {i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]}
+    train, valid = build_data([DataSource(str(out))], tok, 16, log=lambda *_: None)
+    assert len(train) + len(valid) >= 4
