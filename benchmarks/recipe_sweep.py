@@ -6,9 +6,10 @@
     python benchmarks/recipe_sweep.py --set data=default,teacher.jsonl,teacher.jsonl:0.5+text.jsonl:0.5 --llama
 
 ``data`` values are ``default`` (the embedded sample data) or ``FILE[:WEIGHT]`` sources joined by ``+``.
-``--llama`` also exports each run to GGUF and measures it in llama.cpp on the embedded model's held-out modules (the
-64 windows of the README's quality table): the number the issue bars are set on, where ``val_kl`` is measured on
-held-out rows of the training data itself.
+``--model DIR --data FILE[:WEIGHT] ...`` sweeps another model (e.g. the second model of
+``benchmarks/second-model-pretrain.yaml``) with its data. ``--llama`` also exports each run to GGUF and measures it in
+llama.cpp on the embedded model's held-out modules (the 64 windows of the README's quality table): the number the
+issue bars are set on, where ``val_kl`` is measured on held-out rows of the training data itself.
 
 Each variant is ``TrainConfig.from_recipe(recipes/default.yaml, format=..., **variant)`` trained on the embedded
 model and data, each in its own process (``--jobs`` at once, the CPU threads split between them); the table shows
@@ -66,24 +67,25 @@ def run_name(variant: dict, seed: int) -> str:
     return ("-".join(f"{k}={_show(v)}" for k, v in variant.items()) or "recipe") + f"-seed{seed}"
 
 
-def llama_kl(run: Path, threads: int, windows: int = 64) -> float:
+def llama_kl(run: Path, threads: int, windows: int = 64, teacher: str | None = None) -> float:
     """The run exported to GGUF and measured in llama.cpp on the embedded validation split (``gemma3-qat eval``)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TQDM_DISABLE="1")
     cli = [sys.executable, "-m", "gemma3_qat.cli"]
     gguf = run.parent / f"{run.name}.gguf"  # not with_suffix: run names hold dots (lr=3.5e-05, x.jsonl:0.5)
     subprocess.run(cli + ["export", str(run), "--to", "gguf", "-o", str(gguf), "--force"], check=True, env=env,
                    capture_output=True)
-    out = subprocess.run(cli + ["eval", str(gguf), "--max-windows", str(windows), "--json"], check=True, env=env,
+    out = subprocess.run(cli + ["eval", str(gguf), "--max-windows", str(windows), "--json"]
+                         + (["--teacher", teacher] if teacher else []), check=True, env=env,
                          capture_output=True, text=True).stdout
     return next(r["kl_mean"] for r in json.loads(out[out.index("{"):])["results"] if r["name"] == gguf.name)
 
 
 def run_one(variant: dict, fmt: str, steps: int | None, seed: int, threads: int, workdir: Path,
-            llama: bool = False) -> dict:
+            llama: bool = False, source: dict | None = None) -> dict:
     """One training run in a child process (its run directory under ``workdir``); returns its validation rows."""
     out = workdir / run_name(variant, seed)
     shutil.rmtree(out, ignore_errors=True)
-    spec = dict(variant, format=fmt, seed=seed, output=str(out))
+    spec = dict(source or {}, **variant, format=fmt, seed=seed, output=str(out))
     if steps is not None:
         spec["steps"] = steps
     code = ("import json, sys\n"
@@ -97,7 +99,8 @@ def run_one(variant: dict, fmt: str, steps: int | None, seed: int, threads: int,
     if proc.returncode:
         raise SystemExit(f"variant {variant} failed (exit {proc.returncode}); see {workdir / (out.name + '.log')}")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    return {"val": [r for r in rows if "val_kl" in r], "llama_kl": llama_kl(out, threads) if llama else None}
+    kl = llama_kl(out, threads, teacher=(source or {}).get("model")) if llama else None
+    return {"val": [r for r in rows if "val_kl" in r], "llama_kl": kl}
 
 
 def main():
@@ -110,21 +113,29 @@ def main():
                    help="variants trained at once (threads split between them; on 2 cores two 1-thread runs took "
                         "~5.5 s/step each, where one run alone took ~2.1 s/step in an earlier session (not side by "
                         "side): likely keep 1 there)")
+    p.add_argument("--model", help="another teacher, as train --model (default: the embedded model)")
+    p.add_argument("--data", nargs="+", metavar="FILE[:WEIGHT]", help="its training data (required with --model)")
+    p.add_argument("--threads", type=int, help="CPU threads per run (default: the cores split between the jobs)")
     p.add_argument("--workdir", type=Path, default=Path("runs/sweep"), help="where the runs are kept")
     p.add_argument("--llama", action="store_true",
                    help="also export each run and measure its KL in llama.cpp on the held-out modules (64 windows)")
     args = p.parse_args()
+    if args.model and not args.data:
+        p.error("--model needs its --data (the recipe's data is the embedded model's)")
+    source = {"model": args.model, "data": args.data} if args.model else {}
     args.workdir.mkdir(parents=True, exist_ok=True)
     todo = [(v, s) for v in variants(args.sets or DEFAULT_SWEEP) for s in args.seeds]
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    print(f"# {args.format}, recipes/default.yaml{'' if args.steps is None else f' at {args.steps} steps'}; "
-          f"{len(todo)} runs in {args.workdir} ({args.jobs} at once)", flush=True)
+    at = "" if args.steps is None else f" at {args.steps} steps"
+    model = f", {args.model}" if args.model else ""
+    print(f"# {args.format}{model}, recipes/default.yaml{at}; {len(todo)} runs in {args.workdir} ({args.jobs} at once)",
+          flush=True)
     results = {}
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_one, v, args.format, args.steps, s, threads, args.workdir,
-                               args.llama): (i, v, s)
+                               args.llama, source): (i, v, s)
                    for i, (v, s) in enumerate(todo)}
         for fut in as_completed(futures):
             i, v, seed = futures[fut]

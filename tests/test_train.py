@@ -339,3 +339,19 @@ def test_peak_memory_is_this_process_high_water_mark_not_the_parent_s(tmp_path):
     result = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, check=True)
     peak = float(result.stdout.strip().splitlines()[-1])
     assert 10 < peak < 1200, peak  # the child's own peak (imports: a few hundred MB), not the 1.5 GB before exec
+
+
+def test_lr_multipliers_of_zero_freeze_the_vectors_and_the_embedding(tiny_text_dir, sample_data, tmp_path):
+    """vector_lr_mult / embedding_lr_mult scale those groups' lr (recipe_sweep measures them): 0 leaves them at the
+    teacher's values while the quantized matrices still learn."""
+    teacher = weights(tiny_text_dir)
+    out = train(config(tiny_text_dir, sample_data, tmp_path / "run", steps=3, vector_lr_mult=0.0,
+                       embedding_lr_mult=0.0), log=lambda *_: None)
+    student = weights(out)
+    embed, norm, matrix = ("model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
+                           "model.layers.0.mlp.up_proj.weight")
+    assert torch.equal(student[embed], teacher[embed].float())
+    assert torch.equal(student[norm], teacher[norm].float())
+    assert not torch.equal(student[matrix], teacher[matrix].float())
+    with pytest.raises(Exception, match="vector_lr_mult must be >= 0"):
+        config(tiny_text_dir, sample_data, tmp_path / "bad", vector_lr_mult=-1.0)

@@ -4,9 +4,9 @@
     accelerate launch --config_file recipes/accelerate/fsdp-8gpu.yaml -m gemma3_qat.cli train \\
         --recipe recipes/gemma3-27b-int4-block.yaml
 
-Features and their flags (every recipe key is a flag too, except the seven in ``RECIPE_ONLY_KEYS``, which are
+Features and their flags (every recipe key is a flag too, except the nine in ``RECIPE_ONLY_KEYS``, which are
 tuning knobs set in a recipe: ``validation_percent``, ``min_lr_ratio``, ``fake_quant_cache``, ``eval_rows``,
-``keep_checkpoints``, ``scale_grad``, ``ptq_init``):
+``keep_checkpoints``, ``scale_grad``, ``ptq_init``, ``vector_lr_mult``, ``embedding_lr_mult``):
 * formats ``--format int4-block|int4-channel|sfp8``, ``--quantize-embeddings`` (the tied table, lookup and head)
 * KD ``--kd full|sampled|topk``, ``--kd-k``, ``--kd-temperature``, ``--kd-alpha`` (mix in the next-token loss),
   computed in chunks of positions with the LM heads inside the chunk (``distill.kd_loss``, ``head``): no
@@ -57,7 +57,7 @@ __all__ = ["QATRecipe", "TrainConfig", "TrainingError", "TrainingStopped", "late
 
 TRAINER_STATE = "trainer_state.json"  # in checkpoints/step-N/trainer/, next to accelerate's state: step and seed
 RECIPE_ONLY_KEYS = ("validation_percent", "min_lr_ratio", "fake_quant_cache", "eval_rows", "keep_checkpoints",
-                    "scale_grad", "ptq_init")
+                    "scale_grad", "ptq_init", "vector_lr_mult", "embedding_lr_mult")
 PTQ_INITS = ("rtn", "imatrix")
 PTQ_INIT_ROWS = 64  # training rows whose activations weigh the imatrix scale search
 
@@ -93,6 +93,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.0
+    # lr of the vectors (the norm gains, never quantized) and of the token embedding (also the tied output head)
+    # relative to lr; 0 freezes them. Measured and left at 1 (recipes/default.yaml).
+    vector_lr_mult: float = 1.0
+    embedding_lr_mult: float = 1.0
     max_grad_norm: float = 1.0
     kd: str = "full"
     kd_k: int = 256
@@ -126,6 +130,9 @@ class TrainConfig:
             raise InputError(f"--fake-quant-cache must be auto, on or off, got {self.fake_quant_cache!r}")
         if self.steps < 0:
             raise InputError(f"--steps must be 0 (post-training quantization only) or more, got {self.steps}")
+        for name in ("vector_lr_mult", "embedding_lr_mult"):
+            if not (getattr(self, name) >= 0):
+                raise InputError(f"{name} must be >= 0 (0 freezes those weights), got {getattr(self, name)!r}")
         if not (self.scale_grad >= 0):
             raise InputError(f"scale_grad must be >= 0 (0: straight-through only), got {self.scale_grad!r}")
         if self.ptq_init not in PTQ_INITS:
@@ -296,12 +303,18 @@ class QATRecipe:
             self.teacher = load_teacher(self.teacher_source, self.device)
 
     def _setup_optimizer(self, student) -> torch.optim.Optimizer:
-        """AdamW (no weight decay on norms and other vectors) and warmup + cosine."""
+        """AdamW (no weight decay on norms and other vectors; their lr and the embedding's optionally scaled) and
+        warmup + cosine."""
         c, acc = self.config, self.accelerator
-        decay = [p for p in student.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in student.parameters() if p.requires_grad and p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=c.lr, betas=(0.9, 0.95))
+        trained = [p for p in student.parameters() if p.requires_grad]
+        # the embedding has a group of its own only at its own lr: the default keeps two groups, so checkpoints
+        # written before the option existed still resume
+        own = student.get_input_embeddings().weight if c.embedding_lr_mult != 1 else None
+        groups = [{"params": [p for p in trained if p.dim() >= 2 and p is not own], "weight_decay": c.weight_decay},
+                  {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0, "lr": c.lr * c.vector_lr_mult},
+                  {"params": [p for p in trained if p is own], "weight_decay": c.weight_decay,
+                   "lr": c.lr * c.embedding_lr_mult}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=c.lr, betas=(0.9, 0.95))
         # The schedule counts optimizer steps of the global batch. accelerate's prepared scheduler would step once
         # per process per call (it assumes per-process batches): keep it ours, and checkpoint it with the rest.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
