@@ -12,11 +12,11 @@ llama.cpp on the embedded model's held-out modules (the 64 windows of the README
 issue bars are set on, where ``val_kl`` is measured on held-out rows of the training data itself.
 
 Each variant is ``TrainConfig.from_recipe(recipes/default.yaml, format=..., **variant)`` trained on the embedded
-model and data, each in its own process (``--jobs`` at once, the CPU threads split between them); the table shows
-the final validation KL to the teacher on the training split's held-out rows (``val_kl``, what the recipe comments
-quote), top-1 and perplexity, and the KL relative to the first variant. Each run keeps its directory under
-``--workdir`` (its ``metrics.jsonl`` can be watched while it trains), and each variant's line, with its
-validation-KL curve, is printed as soon as it finishes. The quality benchmark (``benchmarks/quality.py``) then
+model and data (or ``--model``'s), each in its own process (``--jobs`` at once, the CPU threads split between
+them); the table shows the final validation KL to the teacher on the training split's held-out rows (``val_kl``, what
+the recipe comments quote), top-1 and perplexity, and the KL relative to the first variant. Each run keeps its
+directory under ``--workdir`` (its ``metrics.jsonl`` can be watched while it trains), and each variant's line, with
+its validation-KL curve, is printed as soon as it finishes. The quality benchmark (``benchmarks/quality.py``) then
 measures the chosen recipe's exported files in llama.cpp.
 """
 
@@ -85,7 +85,8 @@ def run_one(variant: dict, fmt: str, steps: int | None, seed: int, threads: int,
     """One training run in a child process (its run directory under ``workdir``); returns its validation rows."""
     out = workdir / run_name(variant, seed)
     shutil.rmtree(out, ignore_errors=True)
-    spec = dict(source or {}, **variant, format=fmt, seed=seed, output=str(out))
+    source = source or {}
+    spec = dict(source, **variant, format=fmt, seed=seed, output=str(out))
     if steps is not None:
         spec["steps"] = steps
     code = ("import json, sys\n"
@@ -99,7 +100,7 @@ def run_one(variant: dict, fmt: str, steps: int | None, seed: int, threads: int,
     if proc.returncode:
         raise SystemExit(f"variant {variant} failed (exit {proc.returncode}); see {workdir / (out.name + '.log')}")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    kl = llama_kl(out, threads, teacher=(source or {}).get("model")) if llama else None
+    kl = llama_kl(out, threads, teacher=source.get("model")) if llama else None
     return {"val": [r for r in rows if "val_kl" in r], "llama_kl": kl}
 
 

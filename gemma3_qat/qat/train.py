@@ -130,11 +130,11 @@ class TrainConfig:
             raise InputError(f"--fake-quant-cache must be auto, on or off, got {self.fake_quant_cache!r}")
         if self.steps < 0:
             raise InputError(f"--steps must be 0 (post-training quantization only) or more, got {self.steps}")
-        for name in ("vector_lr_mult", "embedding_lr_mult"):
+        frozen = "0 freezes those weights"
+        for name, zero in (("vector_lr_mult", frozen), ("embedding_lr_mult", frozen),
+                           ("scale_grad", "0: straight-through only")):
             if not (getattr(self, name) >= 0):
-                raise InputError(f"{name} must be >= 0 (0 freezes those weights), got {getattr(self, name)!r}")
-        if not (self.scale_grad >= 0):
-            raise InputError(f"scale_grad must be >= 0 (0: straight-through only), got {self.scale_grad!r}")
+                raise InputError(f"{name} must be >= 0 ({zero}), got {getattr(self, name)!r}")
         if self.ptq_init not in PTQ_INITS:
             raise InputError(f"ptq_init must be one of {', '.join(PTQ_INITS)}, got {self.ptq_init!r}")
         if self.ptq_init != "rtn":
