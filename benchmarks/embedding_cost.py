@@ -20,8 +20,8 @@ import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from gemma3_qat.evaluate import _compare, evaluation_windows, model_logits  # noqa: E402
-from gemma3_qat.models import load_gemma3, resolve_model  # noqa: E402
+from gemma3_qat.evaluate import compare_logits, evaluation_windows, model_logits  # noqa: E402
+from gemma3_qat.sources import load_gemma3, resolve_model  # noqa: E402
 from gemma3_qat.qat.prepare import prepare  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def main():
             embedding = model.get_input_embeddings().weight
             with torch.no_grad():
                 embedding.copy_(through_gguf(embedding, qtype))
-        kl = _compare(list(model_logits(model, windows)), teacher, labels)[1]
+        kl = compare_logits(list(model_logits(model, windows)), teacher, labels)[1]
         print(f"{label:<22} KL {kl:.5f}", flush=True)
 
 

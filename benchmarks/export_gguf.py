@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fixture builders (tests/builders.py)
 
 
 def status_mb(key: str) -> float:
@@ -38,7 +39,7 @@ def make_checkpoint(out: Path, arch=None) -> None:
     from safetensors.torch import save_file
 
     from gemma3_qat.checkpoint import QATMetadata
-    from gemma3_qat.embedded.tiny import build_tokenizer
+    from builders import build_tokenizer
     from gemma3_qat.models import GEMMA3_SHAPES, hf_config, model_tensors
 
     arch = arch or GEMMA3_SHAPES["1b"]

@@ -27,9 +27,11 @@ import argparse
 import os
 import shutil
 import time
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fixture builders (tests/builders.py)
 
 
 def best_of(fn, n: int = 3) -> float:
@@ -89,7 +91,7 @@ def quality(workdir: Path) -> None:
     from gemma3_qat.checkpoint import QATMetadata
     from gemma3_qat.evaluate import evaluation_windows, llama_cpp_logits, pytorch_logits
     from gemma3_qat.exporters.gguf import export_gguf
-    from gemma3_qat.exporters.recover import write_recovered_checkpoint
+    from gemma3_qat.recover import write_recovered_checkpoint
     from gemma3_qat.exporters.safetensors import export_safetensors
     from gemma3_qat.qat.train import TrainConfig, train
     from gemma3_qat.tokenizer import load_tokenizer
@@ -99,7 +101,7 @@ def quality(workdir: Path) -> None:
     data = workdir / "text.jsonl"
     import json
 
-    from gemma3_qat.embedded.tiny import sample_texts
+    from builders import sample_texts
 
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in sample_texts()[:120]))
     run = train(TrainConfig(model=str(default_model_path()), format="int4-block", quantize_embeddings=True,

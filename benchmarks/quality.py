@@ -65,7 +65,7 @@ def calibration_text(out: Path, source: dict | None = None) -> Path:
 def build_ptq_baselines(workdir: Path, fmts: list[str], source: dict | None = None) -> list[Path]:
     """llama.cpp's own PTQ files of the teacher (``source``: the run's model and data; default the embedded ones;
     see the module docstring)."""
-    from gemma3_qat.models import resolve_model
+    from gemma3_qat.sources import resolve_model
     from gemma3_qat.runtimes import llama_tools
 
     wanted = [f for f in PTQ_FILES if set(f[4]) & set(fmts)]
@@ -91,7 +91,7 @@ def llama_perplexity_check(workdir: Path, candidate: Path, ours: float, model: s
     """``llama-perplexity --kl-divergence`` of one file against the F32 teacher GGUF, on the text of the same
     evaluation windows, beside our eval's KL of that file."""
     from gemma3_qat.evaluate import evaluation_windows
-    from gemma3_qat.models import resolve_model
+    from gemma3_qat.sources import resolve_model
     from gemma3_qat.runtimes import llama_tools
     from gemma3_qat.tokenizer import load_tokenizer
 
@@ -156,7 +156,8 @@ class TorchaoInt4G32(formats.WeightFormat):
 
 def torchao_to_plain_checkpoint(run: Path, out: Path) -> Path:
     """The torchao-grid student's fake-quantized values as a plain fp32 checkpoint (what a torchao user exports)."""
-    from gemma3_qat.models import load_gemma3, quantizable_linears
+    from gemma3_qat.models import quantizable_linears
+    from gemma3_qat.sources import load_gemma3
 
     model = load_gemma3(str(run), dtype=torch.float32)
     fmt = TorchaoInt4G32()

@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fixture builders (tests/builders.py)
 
 SHAPE = dict(vocab=8192, hidden=1024, ffn=4096, layers=6, heads=8, kv_heads=4, head_dim=128)
 SEQ = 256
@@ -53,7 +54,7 @@ def config_270m():
 
     if "270m" in models.GEMMA3_SHAPES:
         return models.hf_config(models.GEMMA3_SHAPES["270m"])
-    from gemma3_qat.embedded.tiny import tiny_text_config
+    from builders import tiny_text_config
 
     config = tiny_text_config(262_144, hidden=640, ffn=2048, layers=18, heads=4, kv_heads=1, head_dim=256,
                               sliding_window=512, context=32_768)
@@ -65,7 +66,7 @@ def build_model(seed: int, shape: str = "default"):
     import torch
     from transformers import Gemma3ForCausalLM
 
-    from gemma3_qat.embedded.tiny import tiny_text_config
+    from builders import tiny_text_config
 
     torch.manual_seed(seed)
     if shape == "270m":

@@ -9,7 +9,9 @@ codes exactly.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -22,13 +24,14 @@ from pathlib import Path
 import torch
 
 from gemma3_qat.formats import get_format
-from gemma3_qat.models import NotGemma3Error, is_multimodal_gemma3
+from gemma3_qat.models import Architecture, NotGemma3Error, architecture_from_config, is_multimodal_gemma3
 from gemma3_qat.errors import CorruptFileError, InputError, MissingFileError, OutputExistsError
 # the manifest functions are re-exported: the trainer writes and verifies manifests through this module
 from gemma3_qat.integrity import (MANIFEST, SINGLE, read_json, read_manifest, verify_manifest,  # noqa: F401
                                   verify_weights, weight_shards, write_manifest)
 
 QAT_JSON = "qat.json"
+CHUNK_ELEMENTS = 1 << 24  # weights per streamed row chunk (64 MB in fp32): what an export holds of a tensor
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json", "preprocessor_config.json",
                    "processor_config.json")
@@ -67,7 +70,7 @@ class QATMetadata:
 
 
 # the safetensors dtypes this reader turns into torch tensors
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
 
@@ -93,9 +96,14 @@ class Checkpoint:
             raise NotGemma3Error(f"{self.path} has no config.json: not a Hugging Face checkpoint directory")
         self.config = read_json(config_path)
         self.multimodal = is_multimodal_gemma3(self.config, str(self.path))  # refuses any other model_type
-        self.text_config = self.config.get("text_config", {}) if self.multimodal else self.config
         self.qat = QATMetadata.read(self.path / QAT_JSON) if (self.path / QAT_JSON).exists() else None
         self._files = self._weight_files(verify)
+
+    @functools.cached_property
+    def architecture(self) -> Architecture:
+        """The checkpoint's architecture (``models.architecture_from_config`` of its ``config.json``): what every
+        exporter reads instead of the config's keys."""
+        return architecture_from_config(self.config, self.path.name, str(self.path / "config.json"))
 
     def _weight_files(self, verify: bool) -> dict[str, Path]:
         # sizes of every file in the manifest always (a stat each); the weights' checksums when verifying
@@ -124,10 +132,10 @@ class Checkpoint:
         """A tensor, or a slice of its rows, read with plain file reads: nothing of the file stays mapped in this
         process (a memory map would keep every page read resident: 4 GB of RSS for a 1B fp32 checkpoint)."""
         entry, data_start, file = self._entry(name)
-        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
             raise InputError(f"{file}: tensor {name!r} is {entry['dtype']}, which this reader does not support "
-                             f"({', '.join(_SAFETENSORS_DTYPES)}); convert the checkpoint to F32 or BF16")
-        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+                             f"({', '.join(SAFETENSORS_DTYPES)}); convert the checkpoint to F32 or BF16")
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
         shape = list(entry["shape"])
         begin, end = entry["data_offsets"]
         row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
@@ -143,6 +151,22 @@ class Checkpoint:
             raise CorruptFileError(f"{file}: tensor {name!r}: read {got:,} of {end - begin:,} bytes (the file "
                                    f"shrank while being read); copy or export it again")
         return out
+
+    def row_chunks(self, name: str, rows: slice | None = None) -> Iterator[torch.Tensor]:
+        """fp32 chunks of consecutive rows of a tensor (or of a row range of it), about ``CHUNK_ELEMENTS`` weights
+        each: how every exporter streams a tensor (a vector comes in chunks of its elements)."""
+        shape = self.shape(name)
+        first, last, _ = (rows or slice(None)).indices(shape[0])
+        step = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
+        for start in range(first, last, step):
+            yield self.read(name, slice(start, min(start + step, last))).to(torch.float32)
+
+    def max_abs(self, name: str) -> torch.Tensor:
+        """max |w| of a tensor, streamed (a per-tensor-scale format's scale)."""
+        maxabs = torch.zeros(())
+        for rows in self.row_chunks(name):
+            maxabs = torch.maximum(maxabs, torch.maximum(rows.amax(), -rows.amin()))
+        return maxabs
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in set(self._files.values()))
@@ -262,7 +286,7 @@ def atomic_file(final: str | Path, *, force: bool = False, make_parents: bool = 
 
 
 def write_qat_checkpoint(model, directory: str | Path, metadata: QATMetadata, tokenizer_dir: str | Path, *,
-                         accelerator=None) -> None:
+                         prepared_format: str | None = None, accelerator=None) -> None:
     """THE writer of a QAT checkpoint (every trainer checkpoint and the final run directory use it): the latent
     weights in their master dtype, ``config.json``, the tokenizer files and ``qat.json`` into ``directory``.
 
@@ -270,17 +294,16 @@ def write_qat_checkpoint(model, directory: str | Path, metadata: QATMetadata, to
     (FSDP shards, DDP wrapper) and the main process writes. Without one (a single process holding ``model``),
     it writes directly. Nothing here is atomic: callers write into a temporary directory and rename it, then add
     the ``manifest.json`` (``write_manifest``) once every file of the checkpoint is complete.
+    ``prepared_format``: the format ``model`` was prepared with (``qat.prepare``'s report), checked against
+    ``metadata``.
     """
-    from gemma3_qat.qat.prepare import qat_config_of  # lazy: prepare is the modelling side, not needed to read
-
     state_dict, main = None, True
     if accelerator is not None:
         state_dict = accelerator.get_state_dict(model)
         model = accelerator.unwrap_model(model)
         main = accelerator.is_main_process
-    prepared = qat_config_of(model)
-    if prepared is not None and prepared.format != metadata.format:
-        raise InputError(f"model is prepared for {prepared.format} but the metadata says {metadata.format}")
+    if prepared_format is not None and prepared_format != metadata.format:
+        raise InputError(f"model is prepared for {prepared_format} but the metadata says {metadata.format}")
     if main:
         directory = Path(directory)
         # save_pretrained writes the Parameters as they are: the fake-quant modules keep the plain state-dict keys
@@ -290,19 +313,47 @@ def write_qat_checkpoint(model, directory: str | Path, metadata: QATMetadata, to
         _as_umask_says(directory)  # safetensors writes 0600
 
 
-def local_tokenizer_dir(source: str) -> str:
-    """A local directory with the checkpoint's tokenizer files: ``source`` itself, or a download of just those
-    files for a hub id (the weights are loaded by ``models.load_gemma3``)."""
-    if Path(source).exists():
-        return source
-    from huggingface_hub import snapshot_download
+class ShardWriter:
+    """Tensors into safetensors shards of at most ``max_bytes`` (one ``model.safetensors`` when they fit, else
+    ``model-NNNNN-of-NNNNN.safetensors`` + the index), in a directory that the caller renames into place."""
 
-    from gemma3_qat.models import hub_error
+    def __init__(self, directory: Path, max_bytes: int, metadata: dict[str, str]):
+        self.dir, self.max_bytes, self.metadata = directory, max_bytes, metadata
+        self.shards: list[dict[str, torch.Tensor]] = [{}]
+        self.current_bytes = 0
+        self.written: list[tuple[str, list[str]]] = []
+        self.total = 0
 
-    try:
-        return snapshot_download(source, allow_patterns=list(TOKENIZER_FILES))
-    except Exception as e:  # offline, unknown id, gated
-        raise hub_error(source, e) from None
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.current_bytes and self.current_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self.shards[-1][name] = tensor.contiguous()
+        self.current_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        name = f"part-{len(self.written):05d}.safetensors"
+        save_file(self.shards[-1], self.dir / name, metadata=self.metadata)
+        self.written.append((name, list(self.shards[-1])))
+        self.shards[-1] = {}
+        self.current_bytes = 0
+
+    def close(self) -> None:
+        self._flush()
+        n = len(self.written)
+        if n == 1:
+            (self.dir / self.written[0][0]).rename(self.dir / "model.safetensors")
+            return
+        weight_map = {}
+        for i, (old, names) in enumerate(self.written):
+            new = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.dir / old).rename(self.dir / new)
+            weight_map.update({k: new for k in names})
+        (self.dir / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------- run directories

@@ -63,93 +63,76 @@ def formats(as_json: bool = typer.Option(False, "--json", help="Machine-readable
 
 
 # ---------------------------------------------------------------------------------------------------------- train
-# Options shared by `train` and `teacher-cache`. None = take the recipe's value (or the built-in default).
+# The training knobs are declared once, in qat.config.TrainConfig (default, help, flag): `train` and `teacher-cache`
+# get their options from there. None = not given: the recipe's value (or the built-in default) stands.
 Recipe = Annotated[Optional[Path], typer.Option(help="Recipe YAML, or a shipped recipe's name (gemma3-1b-int4-block); "
                                                  "flags override its values. Default: the --model's released size's "
                                                  "recipe for --format (270m ... 27b), else recipes/default.yaml.")]
-Model = Annotated[Optional[str], typer.Option(help="Checkpoint to start from: local HF dir or hub id. "
-                                                   "Default: the embedded model.")]
-Teacher = Annotated[Optional[str], typer.Option(help="Unquantized reference. Default: --model.")]
-Data = Annotated[Optional[list[str]], typer.Option(help="FILE[:WEIGHT] (.jsonl/.json/.parquet/.txt or hub id), "
-                                                         "repeatable. Default: the embedded sample data.")]
-SeqLen = Annotated[Optional[int], typer.Option(help="Packed sequence length in tokens.")]
-KD = Annotated[Optional[str], typer.Option("--kd", help="Distillation target: full, sampled (the report's), topk.")]
-KDK = Annotated[Optional[int], typer.Option("--kd-k", help="Ids per position for sampled/topk.")]
-KDT = Annotated[Optional[float], typer.Option("--kd-temperature", help="KD temperature.")]
-Seed = Annotated[Optional[int], typer.Option(help="Random seed (data order, sampled-KD noise).")]
-AssistantOnly = Annotated[Optional[bool], typer.Option("--assistant-only/--all-tokens",
-                                                       help="Chat data: train on the model's turns only.")]
+CACHE_KNOBS = ("model", "teacher", "data", "seq_len", "kd", "kd_k", "kd_temperature", "seed", "assistant_only")
+
+
+def _with_knobs(names: tuple[str, ...] | None = None, defaults: dict | None = None, *, after: int = 1):
+    """Give a command one option per ``TrainConfig`` knob (all, or ``names``), inserted after its first ``after``
+    parameters; the command receives them as keyword arguments (None: not given)."""
+    import inspect
+
+    from gemma3_qat.qat.config import knobs
+
+    def decorate(fn):
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        generated = []
+        for k in knobs(names):
+            kind = Optional[list[str]] if k.type == list[str] else Optional[k.type]
+            default = (defaults or {}).get(k.name)
+            generated.append(inspect.Parameter(k.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                               annotation=Annotated[kind, typer.Option(*k.flags, help=k.help)]))
+        params = own[:after] + generated + own[after:]
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params]
+        fn.__signature__ = inspect.Signature(params)
+        return fn
+    return decorate
 
 
 @app.command()
+@_with_knobs()
 def train(
-    format: Annotated[Optional[str], typer.Option("--format", "-f", help="int4-block, int4-channel or sfp8.")] = None,
-    recipe: Recipe = None, model: Model = None, teacher: Teacher = None, data: Data = None,
-    quantize_embeddings: Annotated[Optional[bool], typer.Option(
-        "--quantize-embeddings/--no-quantize-embeddings", help="Also fake-quantize the tied embedding (lookup and "
-        "output head).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (0 = post-training quantization only).")] = None,
-    seq_len: SeqLen = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per optimizer step (all processes).")] = None,
-    micro_batch_size: Annotated[Optional[int], typer.Option(help="Sequences per forward on one process.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW).")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps before the cosine decay.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay on matrices.")] = None,
-    max_grad_norm: Annotated[Optional[float], typer.Option(help="Gradient clipping norm.")] = None,
-    kd: KD = None, kd_k: KDK = None, kd_temperature: KDT = None,
-    kd_alpha: Annotated[Optional[float], typer.Option("--kd-alpha", help="Weight of the next-token loss.")] = None,
-    teacher_cache: Annotated[Optional[str], typer.Option(help="Train from this teacher cache (no live teacher).")] = None,
-    assistant_only: AssistantOnly = None,
-    mixed_precision: Annotated[Optional[str], typer.Option(help="auto (bf16 autocast on CUDA, none on CPU), bf16 "
-                                                           "or no.")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
-        "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Validate every N steps.")] = None,
-    save_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
-    seed: Seed = None,
-    log_with: Annotated[Optional[list[str]], typer.Option(help="accelerate tracker: tensorboard, wandb.")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run directory. Default: "
-                                                  "runs/<model>-<format>-<timestamp>/.")] = None,
+    recipe: Recipe = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output (default: the latest in "
                                          "runs/) from its last checkpoint.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a run already in --output.")] = False,
+    **knobs,
 ):
     """Quantization-aware training by distillation from the unquantized checkpoint.
 
     With no flags: the embedded default model and data on the CPU, in 8-14 minutes (2 cores).
-    The recipe, unless --recipe names one: with --model of a released shape (a gemma-3-270m ... 27b checkpoint or
-    a fine-tune of one), gemma3-<size>-<format>.yaml (~5,000 steps, sized for GPUs); any other --model, or none,
-    default.yaml (400 steps, tuned on the embedded model). The first line of the log says which.
+    The recipe, unless --recipe names one: with --model of a released shape (a gemma-3-270m ... 27b checkpoint, a
+    .gguf of one, or a fine-tune), gemma3-<size>-<format>.yaml (~5,000 steps, sized for GPUs); any other --model,
+    or none, default.yaml (400 steps, tuned on the embedded model). The first line of the log says which. Every
+    option below is also a recipe key (--seq-len is seq_len).
 
     Examples:
       gemma3-qat train --format int4-block
       gemma3-qat train --recipe recipes/gemma3-1b-int4-block.yaml --model google/gemma-3-1b-pt --data web.jsonl
+      gemma3-qat train --model gemma-3-270m-q4_k_m.gguf --recipe gemma3-270m-cpu --data text.jsonl
     """
     from gemma3_qat.qat.train import TrainConfig, resolve_recipe
     from gemma3_qat.qat.train import train as run
 
-    flags = _overrides(
-        format=format, model=model, teacher=teacher, data=data, quantize_embeddings=quantize_embeddings,
-        steps=steps, seq_len=seq_len, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr,
-        warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, kd=kd, kd_k=kd_k,
-        kd_temperature=kd_temperature, kd_alpha=kd_alpha, teacher_cache=teacher_cache,
-        assistant_only=assistant_only, mixed_precision=mixed_precision,
-        gradient_checkpointing=gradient_checkpointing, eval_every=eval_every, save_every=save_every, seed=seed,
-        log_with=log_with, output=output)
-    choice = resolve_recipe(recipe, model, format)
+    flags = _overrides(**knobs)
+    choice = resolve_recipe(recipe, flags.get("model"), flags.get("format"))
     typer.echo(f"recipe: {choice.why}")
     config = TrainConfig.from_recipe(choice, **flags)
     run(config, resume=resume, force=force, log=typer.echo)
 
 
 @app.command("teacher-cache")
+@_with_knobs(CACHE_KNOBS, {"kd": "topk"}, after=2)
 def teacher_cache(
     output: Annotated[Path, typer.Option("--output", "-o", help="Cache directory to write.")],
-    recipe: Recipe = None, model: Model = None, teacher: Teacher = None, data: Data = None, seq_len: SeqLen = None,
-    kd: KD = "topk", kd_k: KDK = None, kd_temperature: KDT = None, seed: Seed = None,
-    assistant_only: AssistantOnly = None,
+    recipe: Recipe = None,
     batch_size: Annotated[int, typer.Option(help="Rows per teacher forward.")] = 8,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing cache.")] = False,
+    **knobs,
 ):
     """Run the teacher once and store its sparse targets; then `train --teacher-cache DIR` needs no teacher.
 
@@ -158,9 +141,8 @@ def teacher_cache(
     from gemma3_qat.qat.teacher_cache import build_from_config
     from gemma3_qat.qat.train import TrainConfig, resolve_recipe
 
-    flags = _overrides(model=model, teacher=teacher, data=data, seq_len=seq_len, kd=kd, kd_k=kd_k,
-                       kd_temperature=kd_temperature, seed=seed, assistant_only=assistant_only)
-    choice = resolve_recipe(recipe, model)
+    flags = _overrides(**knobs)
+    choice = resolve_recipe(recipe, flags.get("model"))
     typer.echo(f"recipe: {choice.why}")
     config = TrainConfig.from_recipe(choice, **flags)
     build_from_config(config, output, force=force, batch_size=batch_size, log=typer.echo)
@@ -169,7 +151,8 @@ def teacher_cache(
 @app.command("sample-data")
 def sample_data(
     output: Annotated[Path, typer.Option("--output", "-o", help="JSON-lines file to write ({\"text\": ...} rows).")],
-    model: Model = None,
+    model: Annotated[Optional[str], typer.Option(help="Checkpoint to sample from: local HF dir, .gguf file or hub "
+                                                      "id. Default: the embedded model.")] = None,
     rows: Annotated[int, typer.Option(help="Rows to sample.")] = 8192,
     tokens: Annotated[int, typer.Option(help="Tokens per row (after BOS).")] = 255,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (1: the teacher as it is).")] = 1.0,
@@ -236,10 +219,12 @@ def export(
       gemma3-qat export --to gemma-cpp runs/x-sfp8 -o x.sbs        # then: gemma --weights x.sbs
     """
     from gemma3_qat.checkpoint import latest_run
-    from gemma3_qat.report import PlanRow, plan_report, style_of
+    from gemma3_qat.exporters import TARGETS
+    from gemma3_qat.exporters import export as run
+    from gemma3_qat.report import plan_report, style_of
 
-    if to not in EXPORT_TARGETS:
-        raise InputError(f"unknown --to {to!r}; choose one of: {', '.join(EXPORT_TARGETS)}")
+    if to not in TARGETS:
+        raise InputError(f"unknown --to {to!r}; choose one of: {', '.join(TARGETS)}")
     style = style_of(as_json=as_json)
     if checkpoint is None:
         checkpoint = latest_run()
@@ -247,31 +232,9 @@ def export(
             raise MissingFileError("no checkpoint given and no run in runs/; train first or name a checkpoint")
         typer.echo(f"exporting the latest run: {checkpoint}", err=as_json)
     log = (lambda *_: None) if as_json else typer.echo
-    if to == "safetensors":
-        from gemma3_qat.exporters.safetensors import export_safetensors
-
-        if output is None:
-            output = checkpoint.parent / f"{checkpoint.name}-{layout or 'unquantized'}"
-        plan = export_safetensors(checkpoint, output, layout=layout, dtype=dtype, force=force, dry_run=dry_run,
-                                  log=log, plain_type=type, embedding_type=embedding_type, lossy=lossy)
-        rows = [PlanRow(s.name, str(s.dtype).removeprefix("torch."), s.shape, s.nbytes, t.kind)
-                for t in plan.tensors for s in t.stored]
-        report = plan_report(plan.path, rows, nbytes=plan.nbytes, dry_run=dry_run,
-                             notes=[f"layout {plan.layout}, {plan.format}, float tensors {plan.dtype}"])
-    elif to == "gemma-cpp":
-        from gemma3_qat.exporters import refuse_flags
-        from gemma3_qat.exporters.gemma_cpp import export_gemma_cpp
-
-        refuse_flags("gemma-cpp", layout=layout, dtype=dtype, embedding_type=embedding_type, lossy=lossy)
-        plan = export_gemma_cpp(checkpoint, output, type=type, dry_run=dry_run, force=force, log=log)
-        rows = [PlanRow(t.name, t.type, t.shape, t.nbytes, t.note) for t in plan.tensors]
-        report = plan_report(plan.path, rows, nbytes=plan.nbytes, notes=plan.notes, dry_run=dry_run)
-    else:
-        from gemma3_qat.exporters.gguf import export_gguf
-
-        plan = export_gguf(checkpoint, output, plain_type=type, embedding_type=embedding_type, lossy=lossy,
-                           force=force, dry_run=dry_run, log=log, layout=layout, dtype=dtype)
-        report = plan_report(plan.path, plan.tensors, nbytes=plan.nbytes, notes=plan.notes, dry_run=dry_run)
+    plan = run(checkpoint, to, output, force=force, dry_run=dry_run, log=log, type=type,
+               embedding_type=embedding_type, lossy=lossy, layout=layout, dtype=dtype)
+    report = plan_report(plan.path, plan.rows(), nbytes=plan.nbytes, notes=plan.notes, dry_run=dry_run)
     if style == "json" or dry_run:
         typer.echo(report.render(style), nl=False)
     else:  # the plan's title line and notes; the tensor table only with --dry-run
@@ -280,7 +243,6 @@ def export(
             typer.echo(note)
 
 
-EXPORT_TARGETS = ("gguf", "safetensors", "gemma-cpp")
 
 
 @app.command("import")
@@ -306,7 +268,7 @@ def import_(
       gemma3-qat export --to gguf runs/gemma-3-1b-it-qat -o gemma-3-1b-it-qat-q4_0.gguf
       gemma3-qat train --model runs/gemma-3-1b-it-qat --teacher google/gemma-3-1b-it --data chat.jsonl
     """
-    from gemma3_qat.exporters.recover import write_recovered_checkpoint
+    from gemma3_qat.recover import write_recovered_checkpoint
 
     result = write_recovered_checkpoint(checkpoint, output, format, rule=tie_rule, force=force, log=typer.echo)
     typer.echo(result.lines()[0])
@@ -363,7 +325,7 @@ def inspect(
     if file.suffix == ".sbs":
         from gemma3_qat.runtimes.gemma_cpp import inspect_sbs as inspect_file
     else:
-        from gemma3_qat.exporters.gguf import inspect_gguf as inspect_file
+        from gemma3_qat.gguf_file import inspect_gguf as inspect_file
     text = inspect_report(inspect_file(file)).render(style)
     typer.echo(text, nl=not text.endswith("\n"))  # tables end with one; JSON does not
 

@@ -126,7 +126,7 @@ def logits_batch(windows: torch.Tensor, vocab: int, budget: int = LOGITS_BUDGET_
 def load_for_eval(checkpoint: str | Path):
     """A checkpoint in eval mode (fp32), with fake quantization from its ``qat.json`` if it has one."""
     from gemma3_qat.checkpoint import QAT_JSON, QATMetadata
-    from gemma3_qat.models import load_gemma3
+    from gemma3_qat.sources import load_gemma3
     from gemma3_qat.qat.prepare import prepare
 
     model = load_gemma3(str(checkpoint), dtype=torch.float32).eval()
@@ -245,7 +245,7 @@ def _gguf_provenance(path: Path) -> tuple[str, int | None, str | None]:
 # ------------------------------------------------------------------------------------------------- metrics
 
 
-def _compare(candidate_logits, teacher_logits, labels: torch.Tensor):
+def compare_logits(candidate_logits, teacher_logits, labels: torch.Tensor):
     """(perplexity, KL mean, KL p99, top-1, tokens) of a candidate against the teacher (streams or lists)."""
     return _compare_streams(candidate_logits, teacher_logits, labels)[:5]
 
@@ -277,7 +277,7 @@ def evaluate(candidates: list[str | Path], *, teacher: str | None = None, data: 
     the teacher named in their qat.json)."""
     from gemma3_qat.checkpoint import QAT_JSON, Checkpoint, QATMetadata
     from gemma3_qat.gguf_file import validate_gguf
-    from gemma3_qat.models import resolve_model
+    from gemma3_qat.sources import resolve_model
     from gemma3_qat.qat.distill import token_metrics
     from gemma3_qat.tokenizer import load_tokenizer
 

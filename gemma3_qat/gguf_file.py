@@ -17,6 +17,7 @@ from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuant
 from gguf.gguf_reader import READER_SUPPORTED_VERSIONS
 
 from gemma3_qat.errors import CorruptFileError, InputError, MissingFileError
+from gemma3_qat.layout import MATMUL_ROLES, gguf_role
 
 MAX_DIMS = 4  # GGML_MAX_DIMS in ggml.h (the gguf package does not export it): llama.cpp refuses more
 _FIX = "the file is truncated or corrupt: export or download it again"
@@ -186,8 +187,6 @@ def bits_per_weight(path: str | Path) -> tuple[float, float]:
     """(bits per weight of the language model's matmuls, of the whole file): what a file of a given size buys.
     The matmuls are the attention and MLP projections (``layout.MATMUL_ROLES``), the tensors every Q4 / Q8 scheme
     quantizes; the file's figure counts every byte (metadata, vocabulary, embedding, norms) over every weight."""
-    from gemma3_qat.exporters.layout import MATMUL_ROLES, gguf_role
-
     reader = open_gguf(path)
     matmul_bytes = matmul_weights = weights = 0
     for t in reader.tensors:
@@ -199,3 +198,25 @@ def bits_per_weight(path: str | Path) -> tuple[float, float]:
     if not matmul_weights:
         raise InputError(f"{path} holds no attention or MLP weights under llama.cpp's names: not a Gemma 3 text GGUF")
     return 8 * matmul_bytes / matmul_weights, 8 * Path(path).stat().st_size / weights
+
+
+
+def inspect_gguf(path: str | Path) -> dict:
+    """Metadata (long arrays summarised), tensor table and totals of a GGUF file."""
+    reader = open_gguf(path)  # validated first: a torn or corrupt file is one line naming it
+    metadata = {}
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if fld.types and fld.types[0] == GGUFValueType.ARRAY:
+            n = len(fld.data)
+            metadata[key] = f"[array of {n}]" if n > 8 else fld.contents()
+        else:
+            metadata[key] = fld.contents()
+    tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(x) for x in t.shape[::-1]],
+                "bytes": int(t.n_bytes)} for t in reader.tensors]
+    by_type: dict[str, int] = {}
+    for t in tensors:
+        by_type[t["type"]] = by_type.get(t["type"], 0) + t["bytes"]
+    return {"path": str(path), "file_bytes": Path(path).stat().st_size, "metadata": metadata, "tensors": tensors,
+            "tensor_bytes": sum(t["bytes"] for t in tensors), "bytes_by_type": by_type}

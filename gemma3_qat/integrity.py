@@ -1,7 +1,7 @@
 """What a checkpoint's bytes must be before anything reads them: manifests and safetensors headers.
 
 A leaf module (it imports only the errors), so every reader can check first: ``Checkpoint`` (the exporters),
-``models.load_gemma3`` (training and eval load models with transformers) and the trainer's ``--resume``.
+``sources.load_gemma3`` (training and eval load models with transformers) and the trainer's ``--resume``.
 
 * A manifest (``manifest.json``, written last into every checkpoint ``train`` writes) records each file's size
   and SHA-256: sizes catch a torn copy for a stat each, checksums a flipped bit for a read of the file.

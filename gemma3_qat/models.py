@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from gemma3_qat.errors import InputError, MissingFileError
+from gemma3_qat.errors import InputError
 
 # The matmul weights of one decoder layer that QAT quantizes (gemma.cpp's SFP set; llama.cpp's Q4_0 set).
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -21,6 +21,7 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 GLOBAL_LAYER_EVERY = 6  # 5 local (sliding-window) layers, then 1 global; layers 5, 11, 17, ... are global
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' layer_types names
 GEMMA3_MODEL_TYPES = {"gemma3_text": False, "gemma3": True}  # model_type -> multimodal (SigLIP tower + projector)
+ROLES = ("embedding", "attention", "mlp", "norms", "vision", "projector")  # every stored tensor is one of these
 QUANTIZED_GROUPS = ("attention", "mlp")  # the tensor groups QAT quantizes (the embedding only on request)
 
 
@@ -48,6 +49,7 @@ class VisionTower:
     heads: int = 16
     tokens_per_image: int = 256  # soft tokens per image after the projector's pooling
     channels: int = 3
+    layer_norm_eps: float = 1e-6
 
     def __post_init__(self):
         _check_positive(self, ("image_size", "patch_size", "layers", "hidden", "ffn", "heads", "tokens_per_image",
@@ -90,6 +92,15 @@ class Architecture:
     rope_global: float = 1_000_000.0
     rope_local: float = 10_000.0
     rms_norm_eps: float = 1e-6
+    # what the runtimes' own model code hard-codes for Gemma 3 (gemma.cpp refuses a checkpoint that differs)
+    hidden_activation: str = "gelu_pytorch_tanh"
+    attention_bias: bool = False
+    bidirectional_attention: bool = False
+    tied_embeddings: bool = True
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+    bos_token_id: int = 2
+    eos_token_ids: tuple[int, ...] = (1,)
 
     def __post_init__(self):
         _check_positive(self, ("layers", "hidden", "ffn", "heads", "kv_heads", "head_dim", "sliding_window",
@@ -115,6 +126,27 @@ class Architecture:
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
+
+    def rope_base(self, layer_type: str) -> float:
+        """The RoPE base of a layer type (``FULL`` global, ``SLIDING`` local)."""
+        return self.rope_global if layer_type == FULL else self.rope_local
+
+    @property
+    def query_scalar(self) -> int:
+        """``query_pre_attn_scalar``: queries are scaled by its inverse square root (head_dim when unset)."""
+        return self.query_pre_attn_scalar or self.head_dim
+
+    def gemma_cpp_identity(self) -> tuple[str, str]:
+        """The gemma.cpp ``Model`` to write in a ``.sbs`` of this architecture, and why.
+
+        Always ``GEMMA3_1B``: gemma.cpp gives a global layer RoPE base 1e6 only for the four Gemma 3 identities
+        1B/4B/12B/27B (``IsVLM``); its own 270M identity puts 1e4 on the global layers (measured: KL 1.4e-2 against
+        transformers instead of 2.4e-4), and a ``.sbs`` we write holds the text model only, which is what the 1B
+        identity describes. Nothing else gemma.cpp computes depends on the identity: the shapes, window per layer,
+        query scale and caps are written in the config itself."""
+        reason = ("the text-only Gemma 3 identity: global layers at RoPE 1e6 (gemma.cpp's 270M identity puts 1e4 "
+                  "there), shapes and windows from the config")
+        return "GEMMA3_1B", reason
 
     def tensors(self) -> list[TensorSpec]:
         """Every stored tensor (the tied head is the embedding: not listed twice): text model, then vision."""
@@ -248,20 +280,25 @@ def hf_config(arch: Architecture, *, image_token_index: int | None = None, boi_t
         sliding_window=arch.sliding_window, max_position_embeddings=arch.context,
         query_pre_attn_scalar=arch.query_pre_attn_scalar or arch.head_dim, layer_types=list(arch.layer_types),
         rope_parameters={FULL: full, SLIDING: {"rope_type": "default", "rope_theta": arch.rope_local}},
-        rms_norm_eps=arch.rms_norm_eps, tie_word_embeddings=True,
-        pad_token_id=0, eos_token_id=1, bos_token_id=2,  # Gemma's SentencePiece ids (and transformers' defaults)
+        rms_norm_eps=arch.rms_norm_eps, tie_word_embeddings=arch.tied_embeddings,
+        hidden_activation=arch.hidden_activation, attention_bias=arch.attention_bias,
+        use_bidirectional_attention=arch.bidirectional_attention,
+        final_logit_softcapping=arch.final_logit_softcapping, attn_logit_softcapping=arch.attn_logit_softcapping,
+        pad_token_id=0, bos_token_id=arch.bos_token_id,  # Gemma's SentencePiece ids (and transformers' defaults)
+        eos_token_id=arch.eos_token_ids[0] if len(arch.eos_token_ids) == 1 else list(arch.eos_token_ids),
     )
     if not arch.vision:
         return text
     v = arch.vision
     vision = SiglipVisionConfig(
         hidden_size=v.hidden, intermediate_size=v.ffn, num_hidden_layers=v.layers, num_attention_heads=v.heads,
-        image_size=v.image_size, patch_size=v.patch_size, vision_use_head=False,
+        image_size=v.image_size, patch_size=v.patch_size, num_channels=v.channels, layer_norm_eps=v.layer_norm_eps,
+        vision_use_head=False,
     )
     ids = {k: i for k, i in (("image_token_index", image_token_index), ("boi_token_index", boi_token_index),
                              ("eoi_token_index", eoi_token_index)) if i is not None}
     return Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                        mm_tokens_per_image=v.tokens_per_image, tie_word_embeddings=True, **ids)
+                        mm_tokens_per_image=v.tokens_per_image, tie_word_embeddings=arch.tied_embeddings, **ids)
 
 
 def is_multimodal_gemma3(config, source: str, what: str = "checkpoint") -> bool:
@@ -282,8 +319,19 @@ def is_multimodal_gemma3(config, source: str, what: str = "checkpoint") -> bool:
     return GEMMA3_MODEL_TYPES[model_type]
 
 
-def architecture_from_hf_config(config, name: str, source: str) -> Architecture:
-    """From a transformers ``Gemma3Config`` / ``Gemma3TextConfig`` (with the defaults released configs rely on)."""
+def architecture_from_config(config, name: str, source: str) -> Architecture:
+    """THE reader of a checkpoint's architecture: a ``config.json`` dict or a transformers ``Gemma3Config`` /
+    ``Gemma3TextConfig``. Nothing else in the package reads a config's keys.
+
+    A dict goes through transformers' own config classes first, so that a key a config leaves out takes
+    transformers' default (a released 4B ``config.json`` omits ``head_dim``, ``max_position_embeddings``, ...) and
+    the legacy RoPE keys (``rope_theta``, ``rope_local_base_freq``, ``rope_scaling``) become ``rope_parameters`` per
+    layer type, as the model itself will see them."""
+    if isinstance(config, dict):
+        multimodal = is_multimodal_gemma3(config, source, "config")  # before transformers sees another model_type
+        from transformers import Gemma3Config, Gemma3TextConfig
+
+        config = (Gemma3Config if multimodal else Gemma3TextConfig).from_dict(config)
     multimodal = is_multimodal_gemma3(config, source, "config")
     text = config.text_config if multimodal else config
     vision = None
@@ -291,17 +339,48 @@ def architecture_from_hf_config(config, name: str, source: str) -> Architecture:
         v = config.vision_config
         vision = VisionTower(v.image_size, v.patch_size, v.num_hidden_layers, v.hidden_size, v.intermediate_size,
                              v.num_attention_heads, getattr(config, "mm_tokens_per_image", 256),
-                             getattr(v, "num_channels", 3))
+                             getattr(v, "num_channels", 3), getattr(v, "layer_norm_eps", 1e-6))
     types = tuple(getattr(text, "layer_types", None) or layer_types(text.num_hidden_layers))
     rope = getattr(text, "rope_parameters", None) or {}  # transformers 5: one entry per layer type
     full, local = rope.get(FULL) or {}, rope.get(SLIDING) or {}
+    eos = text.eos_token_id if text.eos_token_id is not None else getattr(config, "eos_token_id", 1)
     return Architecture(name, text.num_hidden_layers, text.hidden_size, text.intermediate_size,
                         text.num_attention_heads, text.num_key_value_heads, text.head_dim, text.sliding_window,
                         text.max_position_embeddings, text.vocab_size, types, vision, None, source,
                         query_pre_attn_scalar=getattr(text, "query_pre_attn_scalar", None),
                         rope_scaling_factor=full.get("factor") if full.get("rope_type") == "linear" else None,
                         rope_global=full.get("rope_theta", 1_000_000.0), rope_local=local.get("rope_theta", 10_000.0),
-                        rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6))
+                        rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+                        hidden_activation=getattr(text, "hidden_activation", None) or "gelu_pytorch_tanh",
+                        attention_bias=bool(getattr(text, "attention_bias", False)),
+                        bidirectional_attention=bool(getattr(text, "use_bidirectional_attention", False)),
+                        tied_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
+                        final_logit_softcapping=getattr(text, "final_logit_softcapping", None) or None,
+                        attn_logit_softcapping=getattr(text, "attn_logit_softcapping", None) or None,
+                        bos_token_id=text.bos_token_id if text.bos_token_id is not None else 2,
+                        eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),))
+
+
+architecture_from_hf_config = architecture_from_config  # the name callers of a transformers config use
+
+
+def read_architecture(path, name: str | None = None) -> Architecture:
+    """The architecture of a checkpoint directory (or its ``config.json``): ``architecture_from_config`` of the
+    file, the model type checked before transformers reads it."""
+    import json
+    from pathlib import Path
+
+    path = Path(path).expanduser()
+    config_path = path if path.is_file() else path / "config.json"
+    if not config_path.exists():
+        raise NotGemma3Error(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{config_path} is not valid JSON ({e}); restore the checkpoint's config.json") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{config_path} is not a JSON object; restore the checkpoint's config.json")
+    return architecture_from_config(config, name or config_path.parent.name, str(config_path))
 
 
 class NotGemma3Error(InputError):
@@ -355,49 +434,3 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
                     raise NotGemma3Error(f"layer {i}: {group}.{name} is a {type(module).__name__}, not nn.Linear")
                 found[f"{base}layers.{i}.{group}.{name}"] = module
     return found
-
-
-def resolve_model(name_or_path: str | None):
-    """A local checkpoint directory, a hub id, or None for the embedded default model."""
-    from pathlib import Path
-
-    if name_or_path is None:
-        from gemma3_qat.assets import default_model_path
-
-        return str(default_model_path())
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise NotGemma3Error(f"{path} has no config.json: not a Hugging Face checkpoint directory")
-        return str(path)
-    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
-        return name_or_path  # a hub id
-    raise MissingFileError(f"model {name_or_path} does not exist (neither a local directory nor a hub id)")
-
-
-def hub_error(source: str, exc: Exception) -> MissingFileError:
-    first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-    return MissingFileError(f"cannot get {source!r} from the hub ({first}); are you offline? pass a local "
-                             "checkpoint directory with --model")
-
-
-def load_gemma3(name_or_path: str | None, *, dtype=None, device=None, **kwargs):
-    """Load a Gemma 3 checkpoint (text-only or multimodal) with transformers, with clear errors."""
-    from pathlib import Path
-
-    from transformers import AutoConfig, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
-
-    from gemma3_qat.integrity import verify_weights
-
-    source = resolve_model(name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except OSError as e:
-        raise hub_error(source, e) from None
-    cls = Gemma3ForConditionalGeneration if is_multimodal_gemma3(config, source) else Gemma3ForCausalLM
-    if Path(source).is_dir():  # torn or corrupt local weights: one line naming the file, before transformers reads
-        verify_weights(source)
-    model = cls.from_pretrained(source, dtype=dtype, **kwargs)
-    if device is not None:
-        model.to(device)
-    return model

@@ -164,7 +164,7 @@ def _short(value, limit: int = 80) -> str:
 
 
 def inspect_report(info: dict) -> Report:
-    """A GGUF file as ``exporters.gguf.inspect_gguf`` describes it: metadata, tensor table, totals. ``--json``
+    """A GGUF file as ``gguf_file.inspect_gguf`` describes it: metadata, tensor table, totals. ``--json``
     gives ``info`` whole (values not shortened)."""
     by_type = ", ".join(f"{k} {v:,}" for k, v in info["bytes_by_type"].items())
     tensors = [[t["name"], t["type"], str(t["shape"]), t["bytes"]] for t in info["tensors"]]

@@ -1,5 +1,9 @@
 import os
+from pathlib import Path
 
+# the fixture builders (builders.py, tokenizer_parity.py) live here: scripts the tests start import them too
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parent),
+                                                       os.environ.get("PYTHONPATH")) if p)
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # silence torchao's CUDA-only extension warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -9,7 +13,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    from gemma3_qat.embedded.tiny import build_tokenizer
+    from builders import build_tokenizer
 
     return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
@@ -17,7 +21,7 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_text_dir(tmp_path_factory, tokenizer_dir):
     """A randomly initialised text-only Gemma 3 (1B style), fp32, with its tokenizer."""
-    from gemma3_qat.embedded.tiny import build_tiny_checkpoint
+    from builders import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-text"), tokenizer_dir, seed=0)
 
@@ -25,7 +29,7 @@ def tiny_text_dir(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_multimodal_dir(tmp_path_factory, tokenizer_dir):
     """A randomly initialised multimodal Gemma 3 (4B style, small SigLIP tower), fp32, with its tokenizer."""
-    from gemma3_qat.embedded.tiny import build_tiny_checkpoint
+    from builders import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-mm"), tokenizer_dir, multimodal=True, seed=1)
 
@@ -35,7 +39,7 @@ def sample_data(tmp_path_factory):
     """Small local training data in both formats: plain text and chat messages (JSONL)."""
     import json
 
-    from gemma3_qat.embedded.tiny import sample_texts
+    from builders import sample_texts
 
     root = tmp_path_factory.mktemp("data")
     texts = sample_texts()

@@ -496,7 +496,7 @@ def test_gguf_every_header_byte_flip_is_one_line_or_readable(tmp_path, base):
     import random
 
     from gemma3_qat.errors import CorruptFileError
-    from gemma3_qat.exporters.gguf import inspect_gguf
+    from gemma3_qat.gguf_file import inspect_gguf
     from gemma3_qat.gguf_file import open_gguf
 
     good = base["gguf"].read_bytes()

@@ -140,7 +140,7 @@ def test_data_errors_are_clear(tmp_path):
 def _tiny_pair(vocab=500, softcap=None, quantize_embeddings=False, tied=True):
     from transformers import Gemma3ForCausalLM
 
-    from gemma3_qat.embedded.tiny import tiny_text_config
+    from builders import tiny_text_config
     from gemma3_qat.qat.prepare import prepare
 
     torch.manual_seed(0)
@@ -316,7 +316,7 @@ import os, sys
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from transformers import Gemma3ForCausalLM
-from gemma3_qat.embedded.tiny import tiny_text_config
+from builders import tiny_text_config
 from gemma3_qat.qat.distill import KDConfig, kd_loss, distillation_loss, shift_for_next_token, validation_sums
 from gemma3_qat.qat.prepare import prepare
 

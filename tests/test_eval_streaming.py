@@ -24,8 +24,8 @@ def test_eval_streams_teacher_logits_and_gives_the_numbers_of_holding_them_all(q
     windows, labels, _ = ev.evaluation_windows(load_tokenizer(tiny_text_dir), seq_len=64, max_windows=6)
     # the reference: every teacher logit in a list, as evaluate() did
     held = list(ev.pytorch_logits(tiny_text_dir, windows))
-    ppl, kl, kl99, top1, n = ev._compare(ev.pytorch_logits(tmp_path / "ckpt", windows), held, labels)
-    t_ppl = ev._compare(iter(held), held, labels)[0]
+    ppl, kl, kl99, top1, n = ev.compare_logits(ev.pytorch_logits(tmp_path / "ckpt", windows), held, labels)
+    t_ppl = ev.compare_logits(iter(held), held, labels)[0]
 
     alive, peak, calls = weakref.WeakSet(), [0], []
     real = ev.model_logits

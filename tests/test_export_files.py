@@ -110,7 +110,7 @@ def test_exported_gguf_and_safetensors_are_world_readable_at_umask_022(qat_run, 
 
 def test_qat_checkpoints_are_world_readable_at_umask_022(qat_run, tiny_text_dir, tmp_path):
     from gemma3_qat.checkpoint import QAT_JSON, QATMetadata, write_qat_checkpoint
-    from gemma3_qat.models import load_gemma3
+    from gemma3_qat.sources import load_gemma3
 
     run = qat_run(tiny_text_dir, "int4-block", False)
     model = load_gemma3(str(run), dtype=torch.float32)

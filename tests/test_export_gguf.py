@@ -12,7 +12,8 @@ from gguf import quants as gq
 from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
 
 from gemma3_qat.checkpoint import QATMetadata
-from gemma3_qat.exporters.gguf import ExportError, export_gguf, inspect_gguf, text_gguf_name
+from gemma3_qat.exporters.gguf import ExportError, export_gguf, text_gguf_name
+from gemma3_qat.gguf_file import inspect_gguf
 from gemma3_qat.formats import get_format
 from gemma3_qat.models import NotGemma3Error, quantizable_linears
 from gemma3_qat.qat.prepare import prepare
@@ -152,7 +153,7 @@ def test_metadata_follows_the_spec(tiny_text_dir, tmp_path):
 
 
 def test_rope_scaling_is_written_only_when_configured(tokenizer_dir, tmp_path):
-    from gemma3_qat.embedded.tiny import build_tiny_checkpoint
+    from builders import build_tiny_checkpoint
 
     path = build_tiny_checkpoint(tmp_path / "scaled", tokenizer_dir)
     config = json.loads((path / "config.json").read_text())
@@ -248,7 +249,7 @@ def test_bad_checkpoints_give_clear_errors(qat_run, tiny_text_dir, tmp_path, tok
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         export_gguf(no_sp, tmp_path / "x.gguf", log=None)
 
-    from gemma3_qat.embedded.tiny import build_tiny_checkpoint
+    from builders import build_tiny_checkpoint
 
     odd = build_tiny_checkpoint(tmp_path / "odd", tokenizer_dir, ffn=80)
     shutil.copytree(qat_run(odd, "int4-channel", False, steps=0), tmp_path / "odd-qat")

@@ -7,7 +7,7 @@ import pytest
 from safetensors import safe_open
 
 from gemma3_qat.errors import InputError, MissingFileError, OutputExistsError
-from gemma3_qat.exporters import refuse_flags
+from gemma3_qat.exporters import export, refuse_flags
 from gemma3_qat.exporters.gguf import export_gguf
 from gemma3_qat.exporters.safetensors import export_safetensors
 
@@ -22,24 +22,26 @@ def listing(root):
 def test_each_to_refuses_the_flags_of_the_other(qat_run, tiny_text_dir, tmp_path):
     for flags, flag in (({"layout": "compressed-tensors"}, "--layout"), ({"dtype": "bf16"}, "--dtype")):
         with pytest.raises(InputError, match=f"^{flag} is a --to safetensors option .* --to gguf"):
-            export_gguf(tiny_text_dir, tmp_path / "m.gguf", plain_type="f16", log=None, **flags)
+            export(tiny_text_dir, "gguf", tmp_path / "m.gguf", type="f16", log=None, **flags)
     run = qat_run(tiny_text_dir, "int4-block")
-    for flags, flag in (({"plain_type": "q8_0"}, "--type"), ({"lossy": True}, "--lossy"),
+    for flags, flag in (({"type": "q8_0"}, "--type"), ({"lossy": True}, "--lossy"),
                         ({"embedding_type": "f16"}, "--embedding-type")):
         with pytest.raises(InputError, match=f"^{flag} is a --to gguf( / --to gemma-cpp)? option .* --to safetensors"):
-            export_safetensors(run, tmp_path / "out", log=None, **flags)
+            export(run, "safetensors", tmp_path / "out", log=None, **flags)
     for flags, flag in (({"layout": "sfp8"}, "--layout"), ({"lossy": True}, "--lossy"),
                         ({"embedding_type": "f16"}, "--embedding-type")):
         with pytest.raises(InputError, match=f"^{flag} is a --to (gguf|safetensors) option .* --to gemma-cpp"):
             refuse_flags("gemma-cpp", **flags)
     refuse_flags("gemma-cpp", type="sfp8", layout=None, lossy=False)  # its own flag, and flags not given
     # None / False: not given (what the CLI passes for a flag left out)
-    gguf = export_gguf(tiny_text_dir, tmp_path / "m.gguf", plain_type="f16", embedding_type=None, layout=None,
-                       dtype=None, dry_run=True, log=None)
-    safetensors = export_safetensors(run, tmp_path / "out", layout=None, dtype=None, plain_type=None,
-                                     embedding_type=None, lossy=False, dry_run=True, log=None)
+    gguf = export(tiny_text_dir, "gguf", tmp_path / "m.gguf", type="f16", embedding_type=None, layout=None,
+                  dtype=None, dry_run=True, log=None)
+    safetensors = export(run, "safetensors", tmp_path / "out", layout=None, dtype=None, type=None,
+                         embedding_type=None, lossy=False, dry_run=True, log=None)
     assert gguf.tensors and (safetensors.layout, safetensors.dtype) == ("unquantized", "f32")
     assert listing(tmp_path) == []
+    with pytest.raises(InputError, match="unknown --to 'onnx'; choose one of: gguf, safetensors, gemma-cpp"):
+        export(run, "onnx")
 
 
 # --------------------------------------------------------------------------------------------- dry run

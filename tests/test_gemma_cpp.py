@@ -150,14 +150,18 @@ def test_model_config_words_match_the_spec_worked_example():
 
 
 def test_shape_rules_name_the_rule():
-    ok = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 1,
-          "head_dim": 64}
+    from dataclasses import replace
+
+    from gemma3_qat.models import Architecture
+
+    ok = Architecture("ok", layers=6, hidden=256, ffn=512, heads=4, kv_heads=1, head_dim=64, sliding_window=64,
+                      context=2048, vocab=4096)
     assert check_shapes(ok, 4096) == []
-    assert "AVX-512" in check_shapes({**ok, "head_dim": 24}, 4096)[0]  # runs on AVX2, noted
+    assert "AVX-512" in check_shapes(replace(ok, head_dim=24), 4096)[0]  # runs on AVX2, noted
     with pytest.raises(GemmaCppError, match="multiple of 8 .*segfaults"):
-        check_shapes({**ok, "head_dim": 20}, 4096)
+        check_shapes(replace(ok, head_dim=20), 4096)
     with pytest.raises(GemmaCppError, match="intermediate_size = 198 is not a multiple of 4"):
-        check_shapes({**ok, "intermediate_size": 198}, 4096)
+        check_shapes(replace(ok, ffn=198), 4096)
     with pytest.raises(GemmaCppError, match="vocab_size .* 1002 is not a multiple of 4"):
         check_shapes(ok, 1002)
 
@@ -223,11 +227,13 @@ def test_multimodal_checkpoint_exports_its_text_model(tmp_path, tiny_multimodal_
 
 
 def test_size_prediction_is_exact(tmp_path):
-    config = json.loads((MODEL / "config.json").read_text())
+    from gemma3_qat.models import read_architecture
+
+    arch = read_architecture(MODEL)
     tokenizer = (MODEL / "tokenizer.model").stat().st_size
     for type in ("bf16", "f32", "sfp8"):
         plan = export_gemma_cpp(MODEL, tmp_path / f"{type}.sbs", type=type, log=None)
-        predicted = predict_file_bytes(config, type=type, tokenizer_bytes=tokenizer, name=MODEL.name)
+        predicted = predict_file_bytes(arch, type=type, tokenizer_bytes=tokenizer, name=MODEL.name)
         assert predicted["file_bytes"] == plan.path.stat().st_size
         assert predicted["bytes_by_type"] == plan.bytes_by_type()
 
@@ -315,7 +321,7 @@ def test_migrate_weights_re_saves_our_file_identically(tmp_path, qat_run):
 @pytest.mark.slow
 @needs_gemma_cpp
 def test_greedy_text_is_transformers_text(tmp_path):
-    from gemma3_qat.models import load_gemma3
+    from gemma3_qat.sources import load_gemma3
     from gemma3_qat.runtimes.gemma_cpp import generate
     from gemma3_qat.tokenizer import load_tokenizer
 
@@ -377,7 +383,7 @@ def test_rope_scaling_has_no_field_and_its_drift_is_measured(tmp_path):
 def test_chat_wrapping_answers_like_transformers_chat_template(tmp_path):
     """wrapping it: gemma.cpp applies the Gemma chat template itself and stops at <end_of_turn>, as transformers
     does with the tokenizer's chat template."""
-    from gemma3_qat.models import load_gemma3
+    from gemma3_qat.sources import load_gemma3
     from gemma3_qat.runtimes.gemma_cpp import generate
     from gemma3_qat.tokenizer import load_tokenizer
 

@@ -211,7 +211,7 @@ def test_checkpoint_recovery_and_exact_export(trained_run, tmp_path):
 
     from gemma3_qat.checkpoint import Checkpoint, QATMetadata
     from gemma3_qat.exporters.gguf import export_gguf
-    from gemma3_qat.exporters.recover import recover_checkpoint, write_recovered_checkpoint
+    from gemma3_qat.recover import recover_checkpoint, write_recovered_checkpoint
 
     google = _google_style(trained_run, tmp_path / "google")
     result = recover_checkpoint(google, keep=True)
@@ -228,7 +228,7 @@ def test_checkpoint_recovery_and_exact_export(trained_run, tmp_path):
     assert meta.format == "int4-block" and meta.quantize_embeddings and meta.teacher == str(google)
     export_gguf(recovered, tmp_path / "recovered.gguf", log=None)
     stored = Checkpoint(google)
-    from gemma3_qat.exporters.layout import text_gguf_name
+    from gemma3_qat.layout import text_gguf_name
 
     names = {text_gguf_name(n): n for n in stored.names()}
     q4 = 0
@@ -249,7 +249,7 @@ def test_refusals_name_the_fraction_and_the_look_alike(tmp_path):
     asked for int4-block: says it looks like int4-channel; asked for int4-channel, it recovers."""
     from gemma3_qat.assets import default_model_path
     from gemma3_qat.checkpoint import QATMetadata
-    from gemma3_qat.exporters.recover import LatticeError, recover_checkpoint, write_recovered_checkpoint
+    from gemma3_qat.recover import LatticeError, recover_checkpoint, write_recovered_checkpoint
 
     with pytest.raises(LatticeError, match=r"only 0\.\d\d% of the blocks of .* not a QAT checkpoint") as e:
         write_recovered_checkpoint(default_model_path(), tmp_path / "out", log=None)
@@ -271,7 +271,7 @@ def test_tie_rule_cost_on_the_embedded_model(trained_run, tmp_path):
     """What the tie rule can change, measured: KL between the models of the smallest and the largest consistent
     scales (PyTorch, the embedded validation windows) is far below the quantization's own KL."""
     from gemma3_qat.evaluate import evaluation_windows, pytorch_logits
-    from gemma3_qat.exporters.recover import write_recovered_checkpoint
+    from gemma3_qat.recover import write_recovered_checkpoint
     from gemma3_qat.tokenizer import load_tokenizer
 
     google = _google_style(trained_run, tmp_path / "google")
@@ -300,7 +300,7 @@ def test_training_continues_exactly_at_the_recovered_lattice(trained_run, qat_ru
     import json
 
     from gemma3_qat.checkpoint import Checkpoint
-    from gemma3_qat.exporters.recover import write_recovered_checkpoint
+    from gemma3_qat.recover import write_recovered_checkpoint
 
     google = _google_style(trained_run, tmp_path / "google")
     recovered = tmp_path / "recovered"
@@ -326,7 +326,7 @@ def test_cli_import_then_export_and_refusal(trained_run, tmp_path):
     from gemma3_qat.assets import default_model_path
     from gemma3_qat.checkpoint import Checkpoint, QATMetadata
     from gemma3_qat.cli import app
-    from gemma3_qat.exporters.layout import text_gguf_name
+    from gemma3_qat.layout import text_gguf_name
 
     runner = CliRunner()
     google = _google_style(trained_run, tmp_path / "google")

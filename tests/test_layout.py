@@ -1,7 +1,6 @@
 """One home per fact: the shared layout (names, roles, "which tensors are quantized", GGUF types) and a format's
 container facts. The acceptance test registers a throwaway format in this file only and exports it."""
 
-import sys
 
 import numpy as np
 import pytest
@@ -13,11 +12,11 @@ from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
 
 from gemma3_qat.checkpoint import Checkpoint, QATMetadata, write_qat_checkpoint
 from gemma3_qat.exporters.gguf import export_gguf, plan_text_export
-from gemma3_qat.exporters.layout import (
-    MATMUL_ROLES, ROLES, ExportError, GGUFTypes, is_quantized, tensor_role, text_gguf_name, vision_gguf_name,
+from gemma3_qat.layout import (
+    MATMUL_ROLES, ExportError, GGUFTypes, is_quantized, tensor_role, text_gguf_name, vision_gguf_name,
 )
 from gemma3_qat.formats import FORMATS, QuantizedWeight, WeightFormat, get_format
-from gemma3_qat.models import quantizable_linears
+from gemma3_qat.models import ROLES, quantizable_linears
 from gemma3_qat.qat.prepare import prepare
 
 
@@ -113,14 +112,10 @@ class Int8Channel(WeightFormat):
 
 @pytest.fixture
 def int8_channel(monkeypatch):
-    """Register the throwaway format as if it were a class of formats.py. The memory model copies the registry's
-    names into tuples at import time: those copies get it too."""
+    """Register the throwaway format as if it were a class of the formats package: one registry entry, which the
+    exporters and the memory model read at each call."""
     fmt = Int8Channel()
     monkeypatch.setitem(FORMATS, fmt.name, fmt)
-    for module in [m for name, m in sys.modules.items() if name.startswith("gemma3_qat.memory")]:
-        for attr in ("QAT_FORMATS", "WEIGHT_FORMATS"):
-            if isinstance(getattr(module, attr, None), tuple):
-                monkeypatch.setattr(module, attr, getattr(module, attr) + (fmt.name,))
     return fmt
 
 

@@ -227,8 +227,10 @@ def test_measure_qat_exports_exactly(qat_run, tiny_text_dir, tmp_path, fmt, quan
     assert m.header_bytes + m.metadata_bytes + m.tensor_info_bytes + m.alignment_padding + m.actual_tensor_bytes \
         == m.file_bytes
     assert 0 <= m.alignment_padding < 32 * (len(m.tensors) + 1)
-    if not quantize_embeddings:
-        assert m.actual_tensor_bytes == json.loads(BASELINE.read_text())["cells"][f"tiny-text/{fmt}/gguf/tensor-data"]
+    # the first-principles prediction from the checkpoint's own config (not the file's metadata) is exact too
+    embedding = "quantized" if quantize_embeddings else "auto"
+    spec = mem.model_spec(tmp_path / "ckpt")
+    assert mem.weight_bytes(spec, mem.WeightOptions(fmt, "gguf", embedding=embedding)).total == m.actual_tensor_bytes
 
 
 @pytest.mark.parametrize("plain_type", ["f32", "f16", "bf16", "q8_0", "q4_0"])
@@ -241,11 +243,12 @@ def test_measure_plain_exports_exactly(tiny_text_dir, tmp_path, plain_type):
 def test_measure_multimodal_text_and_mmproj(qat_run, tiny_multimodal_dir, tmp_path):
     make_qat_checkpoint(qat_run, tiny_multimodal_dir, tmp_path / "ckpt", "int4-block", False, multimodal=True)
     export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", log=None)
-    cells = json.loads(BASELINE.read_text())["cells"]
     text, mmproj = mem.measure_gguf(tmp_path / "m.gguf"), mem.measure_gguf(tmp_path / "mmproj-m.gguf")
     assert text.exact and mmproj.exact and mmproj.architecture == "clip"
-    assert text.actual_tensor_bytes == cells["tiny-multimodal/int4-block/gguf/tensor-data"]
-    assert mmproj.actual_tensor_bytes == cells["tiny-multimodal/mmproj/gguf/tensor-data"]
+    spec = mem.model_spec(tmp_path / "ckpt")  # the checkpoint's config, first principles
+    predicted = mem.weight_bytes(spec, mem.WeightOptions("int4-block", "gguf"))
+    assert mmproj.actual_tensor_bytes == predicted.by_group["vision"] + predicted.by_group["projector"]
+    assert text.actual_tensor_bytes == predicted.total - mmproj.actual_tensor_bytes
     out = runner.invoke(app, ["memory", "--measure", str(tmp_path / "mmproj-m.gguf")]).output
     assert "EXACT" in out and "alignment padding" in out
 
@@ -312,7 +315,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch
     from transformers import Gemma3ForCausalLM
-    from gemma3_qat.embedded.tiny import tiny_text_config
+    from builders import tiny_text_config
     from gemma3_qat.qat.distill import KDConfig, kd_loss, validation_sums
     from gemma3_qat.qat.prepare import prepare
 
@@ -375,7 +378,7 @@ def test_training_prediction_against_measured_peak(tmp_path, checkpointing):
                           json.dumps(shape)], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     measured = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
-    from gemma3_qat.embedded.tiny import tiny_text_config
+    from builders import tiny_text_config
 
     spec = mem.spec_from_hf_config(tiny_text_config(vocab, context=seq, **shape), "train-test", "test")
     predicted = mem.training_memory(spec, seq_len=seq, micro_batch=micro, device="cpu",
@@ -484,7 +487,7 @@ def test_kv_formula_matches_llama_cpp(tiny_text_dir, tmp_path, swa_full, n_ubatc
 def test_one_record_gives_the_hf_config_and_back():
     from dataclasses import replace
 
-    from gemma3_qat.embedded.tiny import tiny_architecture, tiny_multimodal_config, tiny_text_config
+    from builders import tiny_architecture, tiny_multimodal_config, tiny_text_config
     from gemma3_qat.models import Architecture, Gemma3Shape, architecture_from_hf_config, hf_config
 
     assert Gemma3Shape is Architecture is mem.ModelSpec
@@ -535,8 +538,8 @@ def test_training_auto_rules_are_the_trainers(monkeypatch):
     assert train.mixed_precision_for("auto", cuda=True) == "bf16" and train.mixed_precision_for("no", True) == "no"
     assert mem.TrainingOptions(gpus=8).cache_on is False and mem.TrainingOptions().cache_on is True
     assert distill.teacher_dtype(True) == torch.bfloat16 and mem.TrainingOptions(device="cpu").teacher_bytes == 4
-    monkeypatch.setattr("gemma3_qat.qat.train.fake_quant_cache_on", lambda setting, is_fsdp: False)
-    monkeypatch.setattr("gemma3_qat.qat.train.mixed_precision_for", lambda setting, cuda: "no")
+    monkeypatch.setattr("gemma3_qat.qat.config.fake_quant_cache_on", lambda setting, is_fsdp: False)
+    monkeypatch.setattr("gemma3_qat.qat.config.mixed_precision_for", lambda setting, cuda: "no")
     monkeypatch.setattr("gemma3_qat.qat.distill.teacher_dtype", lambda cuda: torch.float32)
     opts = mem.TrainingOptions(device="cuda")
     assert (opts.cache_on, opts.compute_bytes, opts.teacher_bytes) == (False, 4, 4)

@@ -190,7 +190,7 @@ def test_bad_input_is_refused_clearly(tiny_text_dir):
 
 
 def test_block_format_names_the_module_whose_shape_does_not_fit(tmp_path, tokenizer_dir):
-    from gemma3_qat.embedded.tiny import build_tiny_checkpoint
+    from builders import build_tiny_checkpoint
 
     path = build_tiny_checkpoint(tmp_path / "odd", tokenizer_dir, ffn=80)  # 80 is not a multiple of 32
     model = load(path, False)

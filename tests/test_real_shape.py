@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("llama_cpp")
 
-from gemma3_qat.embedded.tiny import TINY_SIGLIP, build_random_gemma3, sample_texts, tiny_architecture  # noqa: E402
+from builders import TINY_SIGLIP, build_random_gemma3, sample_texts, tiny_architecture  # noqa: E402
 from gemma3_qat.models import GEMMA3_SHAPES  # noqa: E402
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "gemma3-tokenizer"

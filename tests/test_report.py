@@ -87,7 +87,8 @@ def test_plan_report_totals_by_type():
 
 
 def test_inspect_has_the_same_styles(tiny_text_dir, tmp_path):
-    from gemma3_qat.exporters.gguf import export_gguf, inspect_gguf
+    from gemma3_qat.exporters.gguf import export_gguf
+    from gemma3_qat.gguf_file import inspect_gguf
 
     export_gguf(tiny_text_dir, tmp_path / "m.gguf", plain_type="f16", log=None)
     info = inspect_gguf(tmp_path / "m.gguf")

@@ -14,7 +14,7 @@ from gemma3_qat.qat.teacher_text import sample_texts, write_teacher_text
 
 @pytest.fixture(scope="module")
 def teacher(tiny_text_dir):
-    from gemma3_qat.models import load_gemma3
+    from gemma3_qat.sources import load_gemma3
     from gemma3_qat.tokenizer import load_tokenizer
 
     return load_gemma3(str(tiny_text_dir), dtype=torch.float32).eval(), load_tokenizer(tiny_text_dir)
@@ -115,7 +115,7 @@ REAL_TOKENIZER = __import__("pathlib").Path(__file__).resolve().parents[2] / "sh
 def test_samples_with_the_real_262k_tokenizer_train(tmp_path):
     """The real vocabulary (262,144 rows) and Google's tokenizer saved without ``tokenizer.model``: sampled rows
     hold no BOS / EOS / padding of their own, and ``train``'s data path reads them back."""
-    from gemma3_qat.embedded.tiny import build_random_gemma3, tiny_architecture
+    from builders import build_random_gemma3, tiny_architecture
     from gemma3_qat.qat.data import DataSource, build_data
     from gemma3_qat.tokenizer import load_tokenizer
 

@@ -281,24 +281,34 @@ def test_clean_stop_saves_a_checkpoint_and_raises_training_stopped(tiny_text_dir
     assert (tmp_path / "run" / "checkpoints" / "step-000001" / "manifest.json").exists()
 
 
-def test_recipe_only_keys_are_exactly_the_fields_without_a_flag():
-    """The module docstring says every recipe key is a flag except RECIPE_ONLY_KEYS: keep that true."""
+def test_every_knob_is_declared_once_and_is_a_flag():
+    """Each TrainConfig field is a recipe key and a `train` flag whose help comes from the field itself; the flags a
+    user relies on keep their names."""
     import inspect
     from dataclasses import fields
 
-    from gemma3_qat.cli import train as train_command
-    from gemma3_qat.qat import train as train_module
+    from typer.testing import CliRunner
 
-    flags = set(inspect.signature(train_command).parameters)
-    assert {f.name for f in fields(TrainConfig)} - flags == set(train_module.RECIPE_ONLY_KEYS)
-    assert all(key in train_module.__doc__ for key in train_module.RECIPE_ONLY_KEYS)
+    from gemma3_qat.cli import app
+    from gemma3_qat.cli import train as train_command
+    from gemma3_qat.qat.config import knobs
+
+    params = inspect.signature(train_command).parameters
+    assert {f.name for f in fields(TrainConfig)} <= set(params)
+    assert all(k.help for k in knobs())
+    flags = {k.name: k.flags for k in knobs()}
+    assert flags["format"] == ("--format", "-f") and flags["seq_len"] == ("--seq-len",)
+    assert flags["assistant_only"] == ("--assistant-only/--all-tokens",) and flags["kd_k"] == ("--kd-k",)
+    assert flags["ptq_init"] == ("--ptq-init",)  # a knob that was recipe-only is a flag now
+    out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert "Packed sequence length in tokens." in out and "--quantize-embeddings" in out
 
 
 def test_recipe_choice_follows_the_model_size(tmp_path):
     """No --recipe: the released size's recipe for the format; any other model, or none, default.yaml; never the
     dataclass defaults. Names of shipped recipes resolve without a path."""
     from gemma3_qat import models
-    from gemma3_qat.embedded.tiny import tiny_text_config
+    from builders import tiny_text_config
     from gemma3_qat.errors import MissingFileError
     from gemma3_qat.qat.recipes import DEFAULT_RECIPE, RECIPES, resolve_recipe
 

@@ -21,7 +21,7 @@ SPACE = "\u2581"
 
 
 def _small(rows: int):
-    from gemma3_qat.embedded.tiny import tiny_architecture
+    from builders import tiny_architecture
 
     return tiny_architecture(rows, hidden=64, ffn=128, layers=1)
 
@@ -30,8 +30,8 @@ def _small(rows: int):
 def real(tmp_path_factory):
     """Tiny random Gemma 3s with the real tokenizer (bf16, no tokenizer.model): 262,144 rows (text-only
     sizes) and 262,208 rows (multimodal sizes), each exported to GGUF (Q8_0, ~24 MB)."""
-    from gemma3_qat.embedded.tiny import build_random_gemma3
-    from gemma3_qat.embedded.tokenizer_parity import parity_strings
+    from builders import build_random_gemma3
+    from tokenizer_parity import parity_strings
     from gemma3_qat.exporters.gguf import export_gguf
 
     root = tmp_path_factory.mktemp("real-vocab")
@@ -64,7 +64,7 @@ def _check_parity(report, *, image_token_fits: bool):
 @pytest.mark.slow
 @needs_tokenizer
 def test_llama_cpp_tokenizes_and_detokenizes_like_hf_at_262k(real):
-    from gemma3_qat.embedded.tokenizer_parity import compare
+    from tokenizer_parity import compare
 
     for rows in (262_144, 262_208):
         report = compare(real[rows][1], TOKENIZER / "tokenizer.json", real["strings"])
@@ -172,7 +172,7 @@ def _nothing_written(directory: Path, before: set[str]) -> None:
 
 @needs_tokenizer
 def test_base_vocabulary_larger_than_the_embedding_is_refused(tmp_path):
-    from gemma3_qat.embedded.tiny import build_random_gemma3
+    from builders import build_random_gemma3
     from gemma3_qat.exporters.gguf import export_gguf
 
     ckpt = build_random_gemma3(tmp_path / "small", _small(1024))
@@ -223,7 +223,7 @@ def test_tokenizer_json_alone_gives_the_tokenizer_model_vocabulary(tiny_text_dir
     import sentencepiece as spm
     from tokenizers import Tokenizer
 
-    from gemma3_qat.embedded.tiny import sample_texts
+    from builders import sample_texts
     from gemma3_qat.vocab import read_sentencepiece_vocab, sentencepiece_model_proto
 
     alone = tmp_path / "alone"

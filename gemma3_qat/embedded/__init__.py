@@ -1,2 +1,3 @@
-"""Builders of the shipped default model and of test fixtures (corpus, samples, tokenizer, tiny models,
-pretraining). Not needed at run time by users: ``gemma3_qat.assets`` holds the built data."""
+"""The builder of the shipped default model (``gemma3-qat pretrain-default``, for maintainers): its corpus, its
+samples, its tokenizer and its pretraining. A separate tool: nothing else in ``gemma3_qat`` imports it, and users
+never need it at run time (``gemma3_qat.assets`` holds what it built)."""

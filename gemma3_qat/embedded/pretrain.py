@@ -86,8 +86,8 @@ def pretrain_default(recipe: PretrainRecipe, output: Path, log=print) -> dict:
     from transformers import Gemma3ForCausalLM
 
     from gemma3_qat.embedded import corpus, samples
-    from gemma3_qat.embedded.tiny import tiny_text_config
     from gemma3_qat.embedded.sentencepiece import train_sentencepiece
+    from gemma3_qat.models import Architecture, hf_config
     from gemma3_qat.tokenizer import load_tokenizer
 
     torch.manual_seed(recipe.seed)
@@ -125,9 +125,12 @@ def pretrain_default(recipe: PretrainRecipe, output: Path, log=print) -> dict:
     valid = _pack(valid_lists, recipe.seq_len)
     log(f"tokens: train {train.numel():,} + chat {chat_windows.numel():,}, validation {valid.numel():,}")
 
-    config = tiny_text_config(len(tok), hidden=recipe.hidden, ffn=recipe.ffn, layers=recipe.layers,
-                              heads=recipe.heads, kv_heads=recipe.kv_heads, head_dim=recipe.head_dim,
-                              sliding_window=recipe.sliding_window, context=recipe.context)
+    # the architecture record of the default model: no RoPE scaling, query_pre_attn_scalar = head_dim (what
+    # llama.cpp applies whatever the config says), the 5 local : 1 global pattern
+    arch = Architecture("default", recipe.layers, recipe.hidden, recipe.ffn, recipe.heads, recipe.kv_heads,
+                        recipe.head_dim, recipe.sliding_window, recipe.context, len(tok),
+                        source="gemma3_qat.embedded.pretrain", query_pre_attn_scalar=recipe.head_dim)
+    config = hf_config(arch)
     model = Gemma3ForCausalLM(config).train()
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -192,21 +195,21 @@ def pretrain_default(recipe: PretrainRecipe, output: Path, log=print) -> dict:
 def ptq_sensitivity(model_dir: Path, windows: int = 64) -> dict:
     """Teacher vs post-training quantization (matmul weights only, no training) on the shipped validation split:
     perplexity and mean KL(teacher || PTQ) per format. QAT needs a teacher that quantization visibly hurts."""
-    from gemma3_qat.evaluate import _compare, evaluation_windows, pytorch_logits
+    from gemma3_qat.evaluate import compare_logits, evaluation_windows, pytorch_logits
     from gemma3_qat.formats import FORMATS
-    from gemma3_qat.models import load_gemma3
+    from gemma3_qat.sources import load_gemma3
     from gemma3_qat.qat.prepare import prepare
     from gemma3_qat.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     ids, labels, _ = evaluation_windows(tok, seq_len=256, max_windows=windows)
     teacher = list(pytorch_logits(model_dir, ids))
-    out = {"teacher": {"perplexity": _compare(iter(teacher), teacher, labels)[0], "kl": 0.0}}
+    out = {"teacher": {"perplexity": compare_logits(iter(teacher), teacher, labels)[0], "kl": 0.0}}
     for name in FORMATS:
         model = load_gemma3(str(model_dir), dtype=torch.float32).eval()
         prepare(model, name)
         logits = (model(input_ids=ids[i:i + 8]).logits for i in range(0, len(ids), 8))
-        ppl, kl, _, top1, _ = _compare((row for batch in logits for row in batch), teacher, labels)
+        ppl, kl, _, top1, _ = compare_logits((row for batch in logits for row in batch), teacher, labels)
         out[name] = {"perplexity": ppl, "kl": kl, "top1": top1}
     return out
 

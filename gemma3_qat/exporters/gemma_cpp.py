@@ -32,10 +32,10 @@ import torch
 
 from gemma3_qat import __version__
 from gemma3_qat.checkpoint import Checkpoint, atomic_file, check_output
-from gemma3_qat.exporters.layout import ExportError, text_gguf_name
+from gemma3_qat.layout import ExportError, text_gguf_name
 from gemma3_qat.exporters.sbs import (
     ELEMENT_BYTES,
-    MODEL_GEMMA3_1B,
+    MODELS,
     QUERY_SCALE,
     TYPE_BITS,
     TYPES,
@@ -49,10 +49,11 @@ from gemma3_qat.exporters.sbs import (
     toc_bytes,
 )
 from gemma3_qat.formats import get_format, sfp8_values_fit_bf16
+from gemma3_qat.models import Architecture
+from gemma3_qat.report import PlanRow
 from gemma3_qat.vocab import read_sentencepiece_vocab, sentencepiece_model_proto
 
 PLAIN_TYPES = ("bf16", "f32", "sfp8")
-CHUNK_ELEMENTS = 1 << 24  # about 16M weights per chunk (64 MB in fp32), as the GGUF export
 GC_ROPE_LOCAL, GC_ROPE_GLOBAL = 10_000.0, 1_000_000.0  # hard-coded in gemma.cpp (activations.h)
 GC_NORM_EPS = 1e-6
 GC_BOS = 2  # hard-coded in gemma.cpp (tokenizer.h)
@@ -120,6 +121,9 @@ class GemmaCppPlan:
         """Tensor bytes."""
         return sum(t.nbytes for t in self.tensors)
 
+    def rows(self) -> list[PlanRow]:
+        return [PlanRow(t.name, t.type, t.shape, t.nbytes, t.note) for t in self.tensors]
+
     @property
     def file_bytes(self) -> int:
         """The exact size of the file (tensors, metadata, 256-byte alignment, 64 KiB end padding, directory)."""
@@ -133,23 +137,6 @@ class GemmaCppPlan:
 
 
 # ------------------------------------------------------------------------------------------------- encoders
-
-
-def _row_chunks(ckpt: Checkpoint, name: str, rows: slice | None = None) -> Iterator[torch.Tensor]:
-    """fp32 row chunks of a tensor (or of a row range of it), about ``CHUNK_ELEMENTS`` weights each."""
-    shape = ckpt.shape(name)
-    first, last, _ = (rows or slice(None)).indices(shape[0])
-    width = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-    step = max(1, CHUNK_ELEMENTS // width)
-    for start in range(first, last, step):
-        yield ckpt.read(name, slice(start, min(start + step, last))).to(torch.float32).reshape(-1, width)
-
-
-def _max_abs(ckpt: Checkpoint, name: str) -> torch.Tensor:
-    m = torch.zeros(())
-    for rows in _row_chunks(ckpt, name):
-        m = torch.maximum(m, rows.abs().amax())
-    return m
 
 
 def _encoder(kind: str, scale: torch.Tensor | None) -> Callable[[torch.Tensor], bytes]:
@@ -172,7 +159,7 @@ def _stream(parts: list[tuple[str, slice | None, Callable[[torch.Tensor], bytes]
     """A blob's chunks: the listed (HF tensor, row range, encoder) parts, concatenated in order."""
     def chunks(ckpt: Checkpoint) -> Iterator[bytes]:
         for name, rows, encode in parts:
-            for chunk in _row_chunks(ckpt, name, rows):
+            for chunk in ckpt.row_chunks(name, rows):
                 yield encode(chunk)
     return chunks
 
@@ -186,18 +173,6 @@ def _first_int(value) -> int | None:
     return None if value is None else int(value)
 
 
-def _rope(c: dict) -> tuple[float, float, dict | None]:
-    params = c.get("rope_parameters") or {}
-    full = params.get("full_attention", {}) if isinstance(params, dict) else {}
-    local = params.get("sliding_attention", {}) if isinstance(params, dict) else {}
-    theta = full.get("rope_theta", c.get("rope_theta", GC_ROPE_GLOBAL))
-    theta_local = local.get("rope_theta", c.get("rope_local_base_freq", GC_ROPE_LOCAL))
-    scaling = c.get("rope_scaling")
-    if full.get("rope_type", "default") != "default":
-        scaling = full
-    return float(theta), float(theta_local), scaling
-
-
 def _piece_id(tokenizer: bytes, piece: str) -> int | None:
     import sentencepiece as spm
 
@@ -206,12 +181,11 @@ def _piece_id(tokenizer: bytes, piece: str) -> int | None:
     return i if sp.id_to_piece(i) == piece else None
 
 
-def check_shapes(c: dict, vocab: int, *, source: str = "checkpoint") -> list[str]:
+def check_shapes(arch: Architecture, vocab: int, *, source: str = "checkpoint") -> list[str]:
     """Refuse (naming the rule) what gemma.cpp's kernels cannot run; return the notes for what it runs only on
     some builds. From the findings: MatMul output dims multiples of 4 (``kNR``; an abort), ``qkv_dim`` a
     multiple of the f32 SIMD width (a segfault), ``qkv_dim <= 1024``, MatMul inner dims <= 36864."""
-    d, f, h = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
-    k, dh = c.get("num_key_value_heads", h), c.get("head_dim", 256)
+    d, f, h, k, dh = arch.hidden, arch.ffn, arch.heads, arch.kv_heads, arch.head_dim
     outputs = {"num_attention_heads x head_dim": h * dh, "2 x num_key_value_heads x head_dim": 2 * k * dh,
                "intermediate_size": f, "hidden_size": d, "vocab_size (embedding rows)": vocab}
     for what, n in outputs.items():
@@ -255,54 +229,47 @@ def model_config(ckpt: Checkpoint, *, vocab: int, weight: str, tokenizer: bytes,
                  notes: list[str]) -> ModelConfig:
     """gemma.cpp's ``ModelConfig`` for ``ckpt``; refuses what gemma.cpp would compute differently from
     transformers (with the rule), appends to ``notes`` what it computes with a known, stated difference."""
-    c, src = ckpt.text_config, str(ckpt.path)
-    notes += check_shapes(c, vocab, source=src)
-    d, h, dh = c["hidden_size"], c["num_attention_heads"], c.get("head_dim", 256)
-    act = c.get("hidden_activation") or c.get("hidden_act") or "gelu_pytorch_tanh"
-    if act != "gelu_pytorch_tanh":
-        raise GemmaCppError(f"{src}: hidden_activation {act!r}: gemma.cpp computes only the tanh GELU "
-                            "(gelu_pytorch_tanh)")
-    if abs(float(c.get("rms_norm_eps", GC_NORM_EPS)) - GC_NORM_EPS) > 1e-12:
-        raise GemmaCppError(f"{src}: rms_norm_eps {c['rms_norm_eps']}: gemma.cpp hard-codes 1e-6")
-    if c.get("attention_bias") or c.get("use_bidirectional_attention"):
+    from gemma3_qat.models import FULL, SLIDING
+
+    arch, src = ckpt.architecture, str(ckpt.path)
+    notes += check_shapes(arch, vocab, source=src)
+    d, h, dh = arch.hidden, arch.heads, arch.head_dim
+    if arch.hidden_activation != "gelu_pytorch_tanh":
+        raise GemmaCppError(f"{src}: hidden_activation {arch.hidden_activation!r}: gemma.cpp computes only the tanh "
+                            "GELU (gelu_pytorch_tanh)")
+    if abs(float(arch.rms_norm_eps) - GC_NORM_EPS) > 1e-12:
+        raise GemmaCppError(f"{src}: rms_norm_eps {arch.rms_norm_eps}: gemma.cpp hard-codes 1e-6")
+    if arch.attention_bias or arch.bidirectional_attention:
         raise GemmaCppError(f"{src}: attention biases / bidirectional attention: gemma.cpp's Gemma 3 has neither")
-    if c.get("bos_token_id", GC_BOS) != GC_BOS:
-        raise GemmaCppError(f"{src}: bos_token_id {c['bos_token_id']}: gemma.cpp hard-codes BOS = {GC_BOS}")
-    if c.get("tie_word_embeddings") is False:
+    if arch.bos_token_id != GC_BOS:
+        raise GemmaCppError(f"{src}: bos_token_id {arch.bos_token_id}: gemma.cpp hard-codes BOS = {GC_BOS}")
+    if not arch.tied_embeddings:
         raise GemmaCppError(f"{src}: an untied lm_head: gemma.cpp always computes the logits with the embedding")
-    theta, theta_local, scaling = _rope(c)
+    theta, theta_local = arch.rope_base(FULL), arch.rope_base(SLIDING)
     if (theta, theta_local) != (GC_ROPE_GLOBAL, GC_ROPE_LOCAL):
         raise GemmaCppError(f"{src}: RoPE bases {theta_local:g} (local) / {theta:g} (global): gemma.cpp hard-codes "
                             f"{GC_ROPE_LOCAL:g} / {GC_ROPE_GLOBAL:g}")
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind != "linear":
-            raise GemmaCppError(f"{src}: rope scaling {kind!r}: gemma.cpp has no RoPE scaling")
+    if arch.rope_scaling_factor:
         # measured (tests/test_gemma_cpp.py::test_rope_scaling_has_no_field_and_its_drift_is_measured): the
         # embedded model with factor 8 set, 2,000 tokens: mean KL 1.2e-2 to 2.5e-2 per position bucket, top-1 ~91%
-        notes.append(f"RoPE linear scaling factor {scaling['factor']:g} on the global layers has no gemma.cpp field: "
-                     "gemma.cpp rotates them at unscaled positions, so its logits differ from transformers' at every "
-                     "position (on the embedded model with factor 8 set: mean KL ~2e-2 nats/token, top-1 ~91% over "
-                     "2,000 tokens); measure this checkpoint's drift with gemma3-qat eval FILE.sbs")
-    scalar = c.get("query_pre_attn_scalar", dh)
-    if scalar == dh:
+        notes.append(f"RoPE linear scaling factor {arch.rope_scaling_factor:g} on the global layers has no gemma.cpp "
+                     "field: gemma.cpp rotates them at unscaled positions, so its logits differ from transformers' at "
+                     "every position (on the embedded model with factor 8 set: mean KL ~2e-2 nats/token, top-1 ~91% "
+                     "over 2,000 tokens); measure this checkpoint's drift with gemma3-qat eval FILE.sbs")
+    if arch.query_scalar == dh:
         query_scale = QUERY_SCALE["sqrt_key_size"]
-    elif scalar == d // h:
+    elif arch.query_scalar == d // h:
         query_scale = QUERY_SCALE["sqrt_model_dim_div_num_heads"]
     else:
-        raise GemmaCppError(f"{src}: query_pre_attn_scalar {scalar}: gemma.cpp scales queries by 1/sqrt(head_dim "
-                            f"= {dh}) or 1/sqrt(hidden_size // heads = {d // h}) only")
-    max_seq = int(c.get("max_position_embeddings", 32768))
-    n = c["num_hidden_layers"]
-    from gemma3_qat.models import layer_types  # the default 5 local : 1 global pattern
-
-    types = c.get("layer_types") or layer_types(n)
-    window = min(int(c.get("sliding_window", 4096)), max_seq)
+        raise GemmaCppError(f"{src}: query_pre_attn_scalar {arch.query_scalar}: gemma.cpp scales queries by "
+                            f"1/sqrt(head_dim = {dh}) or 1/sqrt(hidden_size // heads = {d // h}) only")
+    max_seq = arch.context
+    window = min(arch.sliding_window, max_seq)
     # a global layer is recognised by a window equal to max_seq_len, exactly; HF's window counts the current
     # token, as gemma.cpp's does (the findings: 63 or 65 instead of 64 is 15-45x worse)
-    windows = tuple(max_seq if t == "full_attention" else window for t in types)
-    layer = LayerConfig(d, c["intermediate_size"], h, c.get("num_key_value_heads", h), dh)
-    eos = _first_int(c.get("eos_token_id")) or 1
+    windows = tuple(max_seq if t == FULL else window for t in arch.layer_types)
+    layer = LayerConfig(d, arch.ffn, h, arch.kv_heads, dh)
+    eos = arch.eos_token_ids[0]
     gen = ckpt.path / "generation_config.json"
     if gen.exists():
         import json
@@ -319,11 +286,11 @@ def model_config(ckpt: Checkpoint, *, vocab: int, weight: str, tokenizer: bytes,
                             "gemma.cpp's chat template tokenizes them; export with wrapping pt")
     qat = ckpt.qat
     name = display_name(ckpt.path.name, qat.format if qat else None, qat.steps if qat else None)
-    return ModelConfig(name, MODEL_GEMMA3_1B, WRAPPING[wrapping], TYPES[weight], d, vocab, max_seq,
-                       (layer,) * n, windows, query_scale=query_scale, eos_id=eos,
+    return ModelConfig(name, MODELS[arch.gemma_cpp_identity()[0]], WRAPPING[wrapping], TYPES[weight], d, vocab,
+                       max_seq, (layer,) * arch.layers, windows, query_scale=query_scale, eos_id=eos,
                        secondary_eos_id=end_of_turn if end_of_turn is not None else eos,
-                       att_cap=float(c.get("attn_logit_softcapping") or 0.0),
-                       final_cap=float(c.get("final_logit_softcapping") or 0.0))
+                       att_cap=float(arch.attn_logit_softcapping or 0.0),
+                       final_cap=float(arch.final_logit_softcapping or 0.0))
 
 
 # ------------------------------------------------------------------------------------------------- planning
@@ -366,7 +333,7 @@ def plan_gemma_cpp(ckpt: Checkpoint, path: Path, *, type: str | None = None, wra
     def scale_of(*hf: str) -> torch.Tensor:  # ScaleWeights over the named HF tensors together
         key = "+".join(hf)
         if key not in scales:
-            scales[key] = fmt.tensor_scale(torch.stack([_max_abs(ckpt, n) for n in hf]).amax())
+            scales[key] = fmt.tensor_scale(torch.stack([ckpt.max_abs(n) for n in hf]).amax())
         return scales[key]
 
     def plain(name: str, hf: str, kind: str, note: str) -> SbsTensor:
@@ -386,7 +353,7 @@ def plan_gemma_cpp(ckpt: Checkpoint, path: Path, *, type: str | None = None, wra
             note = ("trained sfp8 codes" if trained and kind == "SFP" else
                     "not trained quantized: BF16" if trained else "")
             tensors.append(plain(_GC_NAMES[g], by_gguf[g], kind, note))
-    dh = ckpt.text_config.get("head_dim", 256)
+    dh = ckpt.architecture.head_dim
     for i in layers:
         for suffix, gc in _GC_NAMES.items():
             g = f"blk.{i}.{suffix}"
@@ -529,27 +496,25 @@ def write_model_card(ckpt: Checkpoint, plan: GemmaCppPlan) -> Path:
 # ------------------------------------------------------------------------------------------------- prediction
 
 
-def predict_file_bytes(text_config: dict, *, type: str = "sfp8", quantize_embeddings: bool = False,
+def predict_file_bytes(arch: Architecture, *, type: str = "sfp8", quantize_embeddings: bool = False,
                        tokenizer_bytes: int, vocab: int | None = None, name: str = "gemma3",
                        steps: int | None = None) -> dict:
-    """The exact size of the ``.sbs`` the exporter writes for a Gemma 3 text config (HF keys), without weights:
-    the memory model's gemma.cpp column. ``type``: sfp8 (a QAT run or the PTQ baseline: matmuls SFP, embedding
-    SFP when ``quantize_embeddings`` else BF16) | bf16 | f32; norms F32. ``vocab``: the embedding rows (default
-    ``vocab_size``); ``name``/``steps``: the checkpoint's directory name and a QAT run's steps (they are in the
-    config's display name: a few bytes). Not predicted: an sfp8 run whose K and V were trained with different scales (that layer's
-    ``qkv2_w`` is then BF16/F32, see the module doc). Returns file, tensor and per-type bytes."""
-    c = text_config
+    """The exact size of the ``.sbs`` the exporter writes for a Gemma 3 architecture, without weights: the memory
+    model's gemma.cpp column. ``type``: sfp8 (a QAT run or the PTQ baseline: matmuls SFP, embedding SFP when
+    ``quantize_embeddings`` else BF16) | bf16 | f32; norms F32. ``vocab``: the embedding rows (default
+    ``arch.vocab``); ``name``/``steps``: the checkpoint's directory name and a QAT run's steps (they are in the
+    config's display name: a few bytes). Not predicted: an sfp8 run whose K and V were trained with different scales
+    (that layer's ``qkv2_w`` is then BF16/F32, see the module doc). Returns file, tensor and per-type bytes."""
     if type not in PLAIN_TYPES:
         raise GemmaCppError(f"unknown type {type!r}; choose one of: {', '.join(PLAIN_TYPES)}")
     body = {"bf16": "BF16", "f32": "F32", "sfp8": "SFP"}[type]
     emb = "SFP" if type == "sfp8" and quantize_embeddings else ("BF16" if body == "SFP" else body)
-    d, h = c["hidden_size"], c["num_attention_heads"]
-    layer = LayerConfig(d, c["intermediate_size"], h, c.get("num_key_value_heads", h), c.get("head_dim", 256))
-    n, vocab = c["num_hidden_layers"], vocab or c["vocab_size"]
+    d, h, n, vocab = arch.hidden, arch.heads, arch.layers, vocab or arch.vocab
+    layer = LayerConfig(d, arch.ffn, h, arch.kv_heads, arch.head_dim)
     weight = min((body, emb, "F32"), key=lambda t: TYPE_BITS[t])
     fmt = "sfp8" if type == "sfp8" and steps is not None else None
-    config = ModelConfig(display_name(name, fmt, steps), MODEL_GEMMA3_1B, WRAPPING["pt"], TYPES[weight], d, vocab,
-                         int(c.get("max_position_embeddings", 32768)), (layer,) * n, (1,) * n)
+    config = ModelConfig(display_name(name, fmt, steps), MODELS[arch.gemma_cpp_identity()[0]], WRAPPING["pt"],
+                         TYPES[weight], d, vocab, arch.context, (layer,) * n, (1,) * n)
     per_layer = {"ff_hidden_dim": layer.ff_hidden_dim, "heads": h, "kv_heads": layer.kv_heads,
                  "qkv_dim": layer.qkv_dim}
     shapes = expected_shapes({"model_dim": d, "vocab_size": vocab, "layer_configs": [per_layer] * n})

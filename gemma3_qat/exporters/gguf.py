@@ -4,10 +4,10 @@
   and scales** (the per-channel scale repeated in each block of its row), computed by ``gemma3_qat.formats`` from
   the latent weights exactly as the training forward did; never re-derived by another quantizer. sfp8 has no GGUF
   type: its exact values go in as BF16 when the per-tensor scale allows it, else F32 (or Q8_0 with ``lossy``).
-  The planner asks the format object for that encoding (``fmt.gguf_encoding``) and ``exporters.layout`` for
+  The planner asks the format object for that encoding (``fmt.gguf_encoding``) and ``layout`` for
   names, roles and the type of everything else (``GGUFTypes``, which the memory model uses too).
 * A plain checkpoint: ``plain_type`` = f32 | f16 | bf16 | q8_0 | q4_0 (the post-training-quantization baseline).
-* Metadata, tensor names and transformations as ``shared/specs/gguf-gemma3.md``: norms +1 and F32, no
+* Metadata, tensor names and transformations as ``docs/specs/gguf-gemma3.md``: norms +1 and F32, no
   ``output.weight`` (the head is tied), both RoPE bases, sliding window, rope scaling only when present.
 * Multimodal checkpoints also give ``mmproj-<name>.gguf`` (clip, gemma3 projector) from the frozen vision tower.
 * Streaming: tensor infos are declared first, then each tensor is converted in row chunks and written; peak
@@ -28,12 +28,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileTy
 
 from gemma3_qat import __version__
 from gemma3_qat.checkpoint import Checkpoint, atomic_file, check_output
-from gemma3_qat.exporters import refuse_flags
 from gemma3_qat.exporters.gguf_vocab import add_vocab, read_vocab
-from gemma3_qat.exporters.layout import EMBEDDING_TYPES as EMBEDDING_TYPES  # re-exported: callers import these
-from gemma3_qat.exporters.layout import FILE_TYPES as FILE_TYPES
-from gemma3_qat.exporters.layout import PLAIN_TYPES as PLAIN_TYPES
-from gemma3_qat.exporters.layout import (
+from gemma3_qat.layout import (
     ExportError,
     MATMUL_ROLES,
     GGUFTypes,
@@ -45,7 +41,6 @@ from gemma3_qat.exporters.layout import (
 from gemma3_qat.formats import FormatError, encode_values, get_format
 
 T = GGMLQuantizationType
-CHUNK_ELEMENTS = 1 << 24  # rows per chunk are chosen so that a chunk holds about 16M weights (64 MB in fp32)
 NAMESPACE = "gemma3_qat"  # our provenance keys
 
 
@@ -78,6 +73,9 @@ class ExportPlan:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    def rows(self) -> list[TensorPlan]:
+        return self.tensors
+
 
 def _plain_encoder(ggml_type: GGMLQuantizationType, name: str, add_one: bool = False):
     def encode(rows: torch.Tensor) -> np.ndarray:
@@ -89,23 +87,6 @@ def _plain_encoder(ggml_type: GGMLQuantizationType, name: str, add_one: bool = F
         except FormatError as e:  # e.g. values beyond fp16's range
             raise ExportError(f"{name}: {e}") from None
     return encode
-
-
-def _row_chunks(ckpt: Checkpoint, name: str) -> Iterator[torch.Tensor]:
-    shape = ckpt.shape(name)
-    if len(shape) < 2:
-        yield ckpt.read(name).to(torch.float32)
-        return
-    step = max(1, CHUNK_ELEMENTS // int(np.prod(shape[1:])))
-    for start in range(0, shape[0], step):
-        yield ckpt.read(name, slice(start, min(start + step, shape[0]))).to(torch.float32)
-
-
-def _max_abs(ckpt: Checkpoint, name: str) -> torch.Tensor:
-    maxabs = torch.zeros(())
-    for rows in _row_chunks(ckpt, name):
-        maxabs = torch.maximum(maxabs, torch.maximum(rows.amax(), -rows.amin()))
-    return maxabs
 
 
 def gguf_types_of(ckpt: Checkpoint, *, plain_type: str | None = None, embedding_type: str = "auto",
@@ -142,7 +123,7 @@ def plan_text_export(ckpt: Checkpoint, path: Path, *, plain_type: str | None = N
                 fmt.check_shape(shape)
             except FormatError as e:
                 raise ExportError(f"{hf_name}: {e}") from None
-            scale = fmt.tensor_scale(_max_abs(ckpt, hf_name)) if fmt.granularity == "tensor" else None
+            scale = fmt.tensor_scale(ckpt.max_abs(hf_name)) if fmt.granularity == "tensor" else None
             encoding = fmt.gguf_encoding(lossy=lossy, tensor_scale=scale)
             ggml_type, encode, note = encoding.ggml_type, encoding.encode, encoding.note
         else:
@@ -182,46 +163,34 @@ class _Chunked:
             raise ExportError(f"internal error: wrote {written} bytes for a tensor of {self.nbytes}")
 
 
-def _rope(text_config: dict) -> tuple[float, float, dict | None]:
-    params = text_config.get("rope_parameters") or {}
-    full = params.get("full_attention", {}) if isinstance(params, dict) else {}
-    local = params.get("sliding_attention", {}) if isinstance(params, dict) else {}
-    theta = full.get("rope_theta", text_config.get("rope_theta", 1_000_000.0))
-    theta_local = local.get("rope_theta", text_config.get("rope_local_base_freq", 10_000.0))
-    scaling = text_config.get("rope_scaling")
-    if full.get("rope_type", "default") != "default":
-        scaling = full
-    return float(theta), float(theta_local), scaling
-
-
 def _add_text_metadata(writer: GGUFWriter, ckpt: Checkpoint, plan: ExportPlan, name: str) -> None:
     import gguf
 
-    c = ckpt.text_config
+    from gemma3_qat.models import FULL, SLIDING
+
+    arch = ckpt.architecture
     writer.add_name(name)
     n_params = sum(int(np.prod(t.shape)) for t in plan.tensors)
     writer.add_size_label(gguf.utility.model_weight_count_rounded_notation(n_params))
     writer.add_file_type(plan.file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_context_length(c.get("max_position_embeddings", 131_072))
-    writer.add_embedding_length(c["hidden_size"])
-    writer.add_block_count(c["num_hidden_layers"])
-    writer.add_feed_forward_length(c["intermediate_size"])
-    writer.add_head_count(c["num_attention_heads"])
-    writer.add_head_count_kv(c.get("num_key_value_heads", c["num_attention_heads"]))
-    head_dim = c.get("head_dim", 256)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
-    theta, theta_local, scaling = _rope(c)
-    writer.add_rope_freq_base(theta)
-    writer.add_rope_freq_base_swa(theta_local)
-    writer.add_sliding_window(c.get("sliding_window", 4096))
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "linear":
+    writer.add_context_length(arch.context)
+    writer.add_embedding_length(arch.hidden)
+    writer.add_block_count(arch.layers)
+    writer.add_feed_forward_length(arch.ffn)
+    writer.add_head_count(arch.heads)
+    writer.add_head_count_kv(arch.kv_heads)
+    writer.add_key_length(arch.head_dim)
+    writer.add_value_length(arch.head_dim)
+    writer.add_layer_norm_rms_eps(arch.rms_norm_eps)
+    writer.add_rope_freq_base(arch.rope_base(FULL))
+    writer.add_rope_freq_base_swa(arch.rope_base(SLIDING))
+    writer.add_sliding_window(arch.sliding_window)
+    if arch.rope_scaling_factor:  # linear, on the global layers
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
-    if c.get("final_logit_softcapping"):
-        writer.add_final_logit_softcapping(c["final_logit_softcapping"])
+        writer.add_rope_scaling_factor(float(arch.rope_scaling_factor))
+    if arch.final_logit_softcapping:
+        writer.add_final_logit_softcapping(arch.final_logit_softcapping)
     qat = ckpt.qat
     writer.add_string(f"{NAMESPACE}.version", __version__)
     writer.add_string(f"{NAMESPACE}.format", qat.format if qat else "none (post-training conversion)")
@@ -253,7 +222,7 @@ def _write(plan: ExportPlan, ckpt: Checkpoint, arch: str, add_metadata: Callable
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for i, t in enumerate(plan.tensors):
-            chunks = (t.encode(rows) for rows in _row_chunks(ckpt, t.hf_name))
+            chunks = (t.encode(rows) for rows in ckpt.row_chunks(t.hf_name))
             writer.write_tensor_data(_Chunked(t.nbytes, chunks))
             if log and (i + 1) % 50 == 0:
                 log(f"  {i + 1}/{len(plan.tensors)} tensors")
@@ -262,21 +231,18 @@ def _write(plan: ExportPlan, ckpt: Checkpoint, arch: str, add_metadata: Callable
 
 def export_gguf(checkpoint: str | Path, output: str | Path | None = None, *, plain_type: str | None = None,
                 embedding_type: str | None = "auto", lossy: bool = False, force: bool = False, dry_run: bool = False,
-                model_card: bool = True, log: Callable[[str], None] | None = print,
-                layout: str | None = None, dtype: str | None = None) -> ExportPlan:
+                model_card: bool = True, log: Callable[[str], None] | None = print) -> ExportPlan:
     """Export ``checkpoint`` to GGUF (and ``mmproj-*.gguf`` for multimodal checkpoints). Returns the text plan.
 
     ``plain_type``: for a plain (non-QAT) checkpoint, f32 | f16 | bf16 | q8_0 | q4_0. ``embedding_type``: for an
     embedding that was not trained quantized; ``auto`` = Q8_0 (llama.cpp's QAT choice; F16 costs +0.8-1.6 GB on
     the released sizes), or the plain type when that is f32/f16/bf16 (None: auto). ``dry_run``: plan only, write
     nothing.
-    ``layout``/``dtype`` are ``--to safetensors`` options, taken only to refuse them (pass None when not given).
 
     Every file written (the GGUF, its mmproj, the model card ``<output>.md``) obeys the same rule: refused if it
     exists without ``force`` or is a directory, or if its parent does not exist; all are checked before the
     first byte is written.
     """
-    refuse_flags("gguf", layout=layout, dtype=dtype)
     embedding_type = embedding_type or "auto"
     ckpt = Checkpoint(checkpoint, verify=not dry_run)  # a dry run checks sizes and headers, not checksums
     ckpt.require_tokenizer_model()
@@ -358,21 +324,22 @@ def plan_mmproj_export(ckpt: Checkpoint, path: Path) -> ExportPlan:
 
 
 def _add_mmproj_metadata(writer: GGUFWriter, ckpt: Checkpoint, name: str) -> None:
-    v = ckpt.config.get("vision_config", {})
+    arch = ckpt.architecture
+    v = arch.vision
     writer.add_type("mmproj")
     writer.add_name(f"mmproj-{name}")
     writer.add_file_type(LlamaFileType.MOSTLY_F16)
     writer.add_clip_has_vision_encoder(True)
     writer.add_clip_projector_type("gemma3")
     writer.add_vision_use_gelu(True)
-    writer.add_vision_projection_dim(ckpt.text_config["hidden_size"])
-    writer.add_vision_image_size(v.get("image_size", 896))
-    writer.add_vision_patch_size(v.get("patch_size", 14))
-    writer.add_vision_embedding_length(v.get("hidden_size", 1152))
-    writer.add_vision_feed_forward_length(v.get("intermediate_size", 4304))
-    writer.add_vision_block_count(v.get("num_hidden_layers", 27))
-    writer.add_vision_head_count(v.get("num_attention_heads", 16))
-    writer.add_vision_attention_layernorm_eps(v.get("layer_norm_eps", 1e-6))
+    writer.add_vision_projection_dim(arch.hidden)
+    writer.add_vision_image_size(v.image_size)
+    writer.add_vision_patch_size(v.patch_size)
+    writer.add_vision_embedding_length(v.hidden)
+    writer.add_vision_feed_forward_length(v.ffn)
+    writer.add_vision_block_count(v.layers)
+    writer.add_vision_head_count(v.heads)
+    writer.add_vision_attention_layernorm_eps(v.layer_norm_eps)
     pre = {}
     for fname in ("preprocessor_config.json", "processor_config.json"):
         if (ckpt.path / fname).exists():
@@ -381,36 +348,7 @@ def _add_mmproj_metadata(writer: GGUFWriter, ckpt: Checkpoint, name: str) -> Non
             break
     writer.add_vision_image_mean(pre.get("image_mean", [0.5, 0.5, 0.5]))
     writer.add_vision_image_std(pre.get("image_std", [0.5, 0.5, 0.5]))
-    patches = v.get("image_size", 896) // v.get("patch_size", 14)
-    tokens_per_side = int(round(ckpt.config.get("mm_tokens_per_image", 256) ** 0.5))
-    scale_factor = patches // tokens_per_side
+    tokens_per_side = int(round(v.tokens_per_image ** 0.5))
+    scale_factor = (v.image_size // v.patch_size) // tokens_per_side
     if scale_factor != 4:
         writer.add_vision_projector_scale_factor(scale_factor)
-
-
-# ------------------------------------------------------------------------------------------------- inspect
-
-
-def inspect_gguf(path: str | Path) -> dict:
-    """Metadata (long arrays summarised), tensor table and totals of a GGUF file."""
-    from gguf import GGUFValueType
-
-    from gemma3_qat.gguf_file import open_gguf
-
-    reader = open_gguf(path)  # validated first: a torn or corrupt file is one line naming it
-    metadata = {}
-    for key, fld in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        if fld.types and fld.types[0] == GGUFValueType.ARRAY:
-            n = len(fld.data)
-            metadata[key] = f"[array of {n}]" if n > 8 else fld.contents()
-        else:
-            metadata[key] = fld.contents()
-    tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(x) for x in t.shape[::-1]],
-                "bytes": int(t.n_bytes)} for t in reader.tensors]
-    by_type: dict[str, int] = {}
-    for t in tensors:
-        by_type[t["type"]] = by_type.get(t["type"], 0) + t["bytes"]
-    return {"path": str(path), "file_bytes": Path(path).stat().st_size, "metadata": metadata, "tensors": tensors,
-            "tensor_bytes": sum(t["bytes"] for t in tensors), "bytes_by_type": by_type}

@@ -17,7 +17,7 @@ Layouts:
                          initialise those weights afresh, with only a warning): use ``load_sfp8_model``.
 
 The layouts a format allows, its compressed-tensors scheme and its codes layout are the format object's facts
-(``gemma3_qat.formats``); which tensors are quantized is ``exporters.layout``'s rule. ``plan_safetensors_export``
+(``gemma3_qat.formats``); which tensors are quantized is ``layout``'s rule. ``plan_safetensors_export``
 decides every output tensor from the headers alone (``--dry-run``); the writer checks each tensor it writes
 against the plan. Written shard by shard (``max_shard_bytes``) into a temporary directory that is renamed when
 complete.
@@ -35,15 +35,16 @@ import torch
 
 from gemma3_qat import __version__
 from gemma3_qat.checkpoint import (
-    _SAFETENSORS_DTYPES,
+    SAFETENSORS_DTYPES,
+    ShardWriter,
     QAT_JSON,
     Checkpoint,
     atomic_directory,
     check_output,
     copy_tokenizer_files,
 )
-from gemma3_qat.exporters import refuse_flags
-from gemma3_qat.exporters.layout import legacy_name, role_is_quantized, tensor_role
+from gemma3_qat.report import PlanRow
+from gemma3_qat.layout import legacy_name, role_is_quantized, tensor_role
 from gemma3_qat.formats import FORMATS, SFP8, SFP8_DECODE_TABLE, FormatError, WeightFormat, get_format
 from gemma3_qat.errors import CorruptFileError, InputError, MissingFileError
 
@@ -109,13 +110,21 @@ class SafetensorsPlan:
     def nbytes(self) -> int:
         return sum(s.nbytes for t in self.tensors for s in t.stored)
 
+    @property
+    def notes(self) -> list[str]:
+        return [f"layout {self.layout}, {self.format}, float tensors {self.dtype}"]
+
+    def rows(self) -> list[PlanRow]:
+        return [PlanRow(s.name, str(s.dtype).removeprefix("torch."), s.shape, s.nbytes, t.kind)
+                for t in self.tensors for s in t.stored]
+
 
 def _plan_tensor(ckpt: Checkpoint, name: str, fmt: WeightFormat, layout: str, store: torch.dtype) -> TensorPlan:
     out_name = legacy_name(name) if ckpt.multimodal else name
     shape = ckpt.shape(name)
     role = tensor_role(name)
     if not role_is_quantized(role, ckpt.qat.quantize_embeddings):
-        dtype = _SAFETENSORS_DTYPES[ckpt.dtype(name)]
+        dtype = SAFETENSORS_DTYPES[ckpt.dtype(name)]
         # unquantized float tensors at --dtype (bf16 for the packed and codes layouts: what the memory model counts
         # and gemma.cpp keeps), not the latent fp32 master copy; integer tensors as they are
         return TensorPlan(name, "copy", (StoredTensor(out_name, store if dtype.is_floating_point else dtype, shape),))
@@ -164,46 +173,6 @@ def plan_safetensors_export(ckpt: Checkpoint, output: Path, *, layout: str = UNQ
     return plan
 
 
-class _ShardWriter:
-    def __init__(self, directory: Path, max_bytes: int, metadata: dict[str, str]):
-        self.dir, self.max_bytes, self.metadata = directory, max_bytes, metadata
-        self.shards: list[dict[str, torch.Tensor]] = [{}]
-        self.current_bytes = 0
-        self.written: list[tuple[str, list[str]]] = []
-        self.total = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.current_bytes and self.current_bytes + nbytes > self.max_bytes:
-            self._flush()
-        self.shards[-1][name] = tensor.contiguous()
-        self.current_bytes += nbytes
-        self.total += nbytes
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        name = f"part-{len(self.written):05d}.safetensors"
-        save_file(self.shards[-1], self.dir / name, metadata=self.metadata)
-        self.written.append((name, list(self.shards[-1])))
-        self.shards[-1] = {}
-        self.current_bytes = 0
-
-    def close(self) -> None:
-        self._flush()
-        n = len(self.written)
-        if n == 1:
-            (self.dir / self.written[0][0]).rename(self.dir / "model.safetensors")
-            return
-        weight_map = {}
-        for i, (old, names) in enumerate(self.written):
-            new = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.dir / old).rename(self.dir / new)
-            weight_map.update({k: new for k in names})
-        (self.dir / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": self.total}, "weight_map": weight_map}, indent=2) + "\n")
-
-
 def _compressed_tensors_config(fmt: WeightFormat, ignore: list[str]) -> dict:
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": fmt.compressed_tensors_scheme(),
@@ -232,21 +201,19 @@ def _encode(t: TensorPlan, latent: torch.Tensor, fmt: WeightFormat) -> list[torc
     return [qw.codes, qw.scales.to(fmt.scale_dtype).reshape(t.stored[1].shape)]
 
 
-def export_safetensors(checkpoint: str | Path, output: str | Path, *, layout: str | None = UNQUANTIZED,
-                       dtype: str | None = None, force: bool = False, dry_run: bool = False,
-                       max_shard_bytes: int = 5 * 10**9, log: Callable[[str], None] | None = print,
-                       plain_type: str | None = None, embedding_type: str | None = None,
-                       lossy: bool = False) -> SafetensorsPlan:
+def export_safetensors(checkpoint: str | Path, output: str | Path | None = None, *,
+                       layout: str | None = UNQUANTIZED, dtype: str | None = None, force: bool = False,
+                       dry_run: bool = False, max_shard_bytes: int = 5 * 10**9,
+                       log: Callable[[str], None] | None = print) -> SafetensorsPlan:
     """Write ``checkpoint`` (a QAT checkpoint) to the directory ``output`` in ``layout``; return the plan.
 
     See the module docstring for the layouts (None: unquantized). ``dry_run``: validate and plan, write nothing.
-    ``output`` obeys the exporters' rule (refused if it exists without ``force`` or is a file, or if its parent
-    does not exist).
-    ``plain_type`` (``--type``), ``embedding_type`` and ``lossy`` are ``--to gguf`` options, taken only to refuse
-    them (pass None/False when not given).
+    ``output`` (default: ``<checkpoint>-<layout>`` beside the checkpoint) obeys the exporters' rule (refused if it
+    exists without ``force`` or is a file, or if its parent does not exist).
     """
-    refuse_flags("safetensors", type=plain_type, embedding_type=embedding_type, lossy=lossy)
     layout = layout or UNQUANTIZED
+    if output is None:
+        output = Path(checkpoint).parent / f"{Path(checkpoint).name}-{layout}"
     ckpt = Checkpoint(checkpoint, verify=not dry_run)  # a dry run checks sizes and headers, not checksums
     plan = plan_safetensors_export(ckpt, Path(output), layout=layout, dtype=dtype)
     ckpt.require_tokenizer_model()
@@ -261,7 +228,7 @@ def export_safetensors(checkpoint: str | Path, output: str | Path, *, layout: st
     ignore = ["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*", "re:.*embed_tokens.*"]
     inexact = []
     with atomic_directory(plan.path, force=force, make_parents=False) as tmp:
-        writer = _ShardWriter(tmp, max_shard_bytes, metadata)
+        writer = ShardWriter(tmp, max_shard_bytes, metadata)
         for t in plan.tensors:
             latent = ckpt.read(t.hf_name)
             if t.kind == "values":

@@ -1,6 +1,6 @@
 """gemma.cpp's single-file ``.sbs`` container: BlobStore V2, the ``IFields`` encoding, ``ModelConfig`` and ``toc``.
 
-Pure byte layout, no torch (``shared/specs/gemma-cpp-sbs.md`` §1-3, verified in gemma.cpp 3ed403e, see
+Pure byte layout, no torch (``docs/specs/gemma-cpp-sbs.md`` §1-3, verified in gemma.cpp 3ed403e, see
 ``gemma-cpp-findings.md``). Both directions live here so that the writer and the reader cannot drift apart:
 
 * the container: a dummy 16-byte header padded to 256, the blobs back to back at 256-byte offsets (in directory
@@ -38,6 +38,7 @@ TYPE_BITS = {"SFP": 8, "I8": 8, "BF16": 16, "F32": 32, "U32": 32, "F64": 64, "U6
 
 # enum Model: the four Gemma 3 values make global layers use RoPE base 1e6 (IsVLM); 18 (270M) does not
 MODEL_GEMMA3_1B = 15
+MODELS = {"GEMMA3_1B": MODEL_GEMMA3_1B}  # the identities we write (models.Architecture.gemma_cpp_identity)
 GEMMA3_MODELS = (14, 15, 16, 17)
 WRAPPING = {"it": 0, "pt": 1, "vlm": 2}
 QUERY_SCALE = {"sqrt_key_size": 0, "sqrt_model_dim_div_num_heads": 1}

@@ -5,16 +5,27 @@ from __future__ import annotations
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gemma3_qat.errors import InputError
-from gemma3_qat.exporters.gguf import PLAIN_TYPES
 from gemma3_qat.formats import FORMATS
+from gemma3_qat.layout import PLAIN_TYPES
+from gemma3_qat.models import ROLES
 
 T = GGMLQuantizationType
 GB = 1e9  # Table 3's unit: decimal gigabytes
-GROUPS = ("embedding", "attention", "mlp", "norms", "vision", "projector")
+GROUPS = ROLES  # the architecture's tensor groups: what every view counts by
 CONTAINERS = ("gguf", "compact")
-QAT_FORMATS = tuple(FORMATS)  # int4-block, int4-channel, sfp8
 TABLE_FORMATS = ("bf16", "int4-channel", "int4-block", "sfp8")  # Table 3's columns, in its order
-WEIGHT_FORMATS = tuple(dict.fromkeys(TABLE_FORMATS + QAT_FORMATS + tuple(PLAIN_TYPES)))  # + f32, f16, q8_0, q4_0
+
+
+def qat_formats() -> tuple[str, ...]:
+    """The registered QAT formats (``formats.FORMATS``, read at each call: a format registered later counts)."""
+    return tuple(FORMATS)
+
+
+def weight_formats() -> tuple[str, ...]:
+    """Every ``--format`` the memory model prices: Table 3's, the QAT formats and the plain GGUF types."""
+    return tuple(dict.fromkeys(TABLE_FORMATS + qat_formats() + tuple(PLAIN_TYPES)))
+
+
 EMBEDDING_CHOICES = ("auto", "quantized", *PLAIN_TYPES)
 VISION_CHOICES = ("auto", "none", "f32", "f16", "bf16")
 KV_DTYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}

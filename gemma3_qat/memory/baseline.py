@@ -1,38 +1,28 @@
-"""The CI baseline: first-principles bytes of every size x format x container, and the check for drift.
+"""The CI baseline: first-principles bytes of every released size x format x container, and the check for drift.
+
+Built from the architecture records alone (``models.GEMMA3_SHAPES``): no checkpoint, no fixture.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from gemma3_qat.errors import MissingFileError
-from gemma3_qat.memory.base import CONTAINERS, QAT_FORMATS, TABLE_FORMATS, MemoryInputError
+from gemma3_qat.memory.base import CONTAINERS, TABLE_FORMATS, MemoryInputError
 from gemma3_qat.memory.kv import kv_cache
-from gemma3_qat.memory.spec import GEMMA3_SHAPES, ModelSpec, spec_from_hf_config
+from gemma3_qat.memory.spec import GEMMA3_SHAPES
 from gemma3_qat.memory.table3 import TABLE3_CONTEXT
 from gemma3_qat.memory.weights import WeightOptions, weight_bytes
 
 BASELINE_MODELS = tuple(GEMMA3_SHAPES)
 
 
-def _tiny_specs() -> dict[str, ModelSpec]:
-    """The tiny test models (gemma3_qat.embedded.tiny) with the fixture tokenizer's default vocabulary."""
-    import inspect
-
-    from gemma3_qat.embedded.tiny import build_tokenizer, tiny_multimodal_config, tiny_text_config
-
-    vocab = inspect.signature(build_tokenizer).parameters["vocab_size"].default
-    return {"tiny-text": spec_from_hf_config(tiny_text_config(vocab), "tiny-text", "gemma3_qat.embedded.tiny"),
-            "tiny-multimodal": spec_from_hf_config(tiny_multimodal_config(vocab, 0, 0, 0), "tiny-multimodal",
-                                                   "gemma3_qat.embedded.tiny")}
-
-
 def baseline_cells(context: int = TABLE3_CONTEXT, kv_dtype: str = "bf16") -> dict[str, int]:
-    """First-principles bytes: the four sizes x formats x containers x {weights, +kv}; and the tiny exports'
-    GGUF tensor data (text file; mmproj file), which the export tests measure exactly."""
+    """First-principles bytes of the released architectures (``models.GEMMA3_SHAPES``): every size x format x
+    container x {weights, +kv}."""
     cells: dict[str, int] = {}
     for name in BASELINE_MODELS:
         kv = kv_cache(name, context, dtype=kv_dtype).total
@@ -41,13 +31,6 @@ def baseline_cells(context: int = TABLE3_CONTEXT, kv_dtype: str = "bf16") -> dic
                 w = weight_bytes(name, WeightOptions(fmt, container)).total
                 cells[f"{name}/{fmt}/{container}/weights"] = w
                 cells[f"{name}/{fmt}/{container}/+kv"] = w + kv
-    for name, spec in _tiny_specs().items():
-        text_only = replace(spec, vision=None)
-        for fmt in QAT_FORMATS:
-            cells[f"{name}/{fmt}/gguf/tensor-data"] = weight_bytes(text_only, WeightOptions(fmt, "gguf")).total
-        if spec.vision:
-            mm = weight_bytes(spec, WeightOptions("int4-block", "gguf"))
-            cells[f"{name}/mmproj/gguf/tensor-data"] = mm.by_group["vision"] + mm.by_group["projector"]
     return cells
 
 

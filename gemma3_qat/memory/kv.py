@@ -42,7 +42,7 @@ def kv_bytes_per_token_layer(spec: ModelSpec, dtype: str) -> int:
     return 2 * _type_bytes(KV_DTYPES[dtype], spec.kv_dim, spec.kv_dim)
 
 
-def _context_warnings(spec: ModelSpec, context: int) -> list[str]:
+def context_warnings(spec: ModelSpec, context: int) -> list[str]:
     if context > spec.context:
         return [f"context {context:,} is beyond {spec.name}'s maximum of {spec.context:,} tokens: computed anyway"]
     return []
@@ -59,7 +59,7 @@ def kv_cache(model: str | ModelSpec, context: int = 32_768, *, batch: int = 1, d
     local_tokens = min(context, spec.sliding_window)
     return KVCache(spec.name, context, batch, dtype, spec.global_layers, spec.local_layers, spec.sliding_window,
                    per, batch * per * spec.global_layers * context, batch * per * spec.local_layers * local_tokens,
-                   batch * per * spec.layers * context, _context_warnings(spec, context))
+                   batch * per * spec.layers * context, context_warnings(spec, context))
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gemma3_qat.errors import MissingFileError
-from gemma3_qat.exporters.gguf import FILE_TYPES, PLAIN_TYPES
-from gemma3_qat.memory.base import QAT_FORMATS, MemoryInputError
+from gemma3_qat.layout import FILE_TYPES, PLAIN_TYPES
+from gemma3_qat.memory.base import MemoryInputError, qat_formats
 from gemma3_qat.memory.spec import ModelSpec, NotGemma3Error, VisionSpec, _vision_tensors, layer_types
 from gemma3_qat.memory.weights import StoredTensor, WeightOptions, _gguf_stored, stored_tensors
 
@@ -87,7 +87,7 @@ def _file_format(reader, requested: str | None) -> tuple[str, bool]:
     if requested:
         return requested, False
     recorded = _field(reader, "gemma3_qat.format")
-    if recorded in QAT_FORMATS:
+    if recorded in qat_formats():
         return recorded, bool(_field(reader, "gemma3_qat.quantize_embeddings", False))
     file_type = _field(reader, "general.file_type", 1)
     if file_type not in _FILE_TYPE_FORMATS:

@@ -6,7 +6,6 @@ module resolves a name or directory to one and counts its parameters.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +19,8 @@ from gemma3_qat.models import (
     NotGemma3Error,
     TensorSpec,
     architecture_from_hf_config,
+    read_architecture,
     hf_config,
-    is_multimodal_gemma3,
     layer_types,
     model_tensors,
     text_tensors,
@@ -48,11 +47,7 @@ def spec_from_directory(path: str | Path) -> ModelSpec:
     config_path = path if path.is_file() else path / "config.json"
     if not config_path.exists():
         raise MissingFileError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
-    is_multimodal_gemma3(json.loads(config_path.read_text()), str(config_path), "config")  # before transformers
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(config_path.parent))
-    return spec_from_hf_config(config, config_path.parent.name, str(config_path))
+    return read_architecture(config_path)
 
 
 def model_spec(model: str | ModelSpec) -> ModelSpec:

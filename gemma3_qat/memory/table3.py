@@ -23,7 +23,7 @@ TABLE3_CONTEXT = 32_768
 
 @dataclass(frozen=True)
 class PaperConvention:
-    """The one convention found to reproduce Table 3 (shared/specs/table3.md); not a derivation.
+    """The one convention found to reproduce Table 3 (docs/specs/table3.md); not a derivation.
 
     N = nominal size (1/4/12/27e9), V = 0.4e9 "400M" vision parameters at bf16 for 4B+ (0 for 1B), GB = 1e9:
     bf16 = 2N; int4 per-channel = 0.5 (N - V) + 2V; SFP8 = 1.0 (N - V) + 2V; int4 blocks=32 =

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gemma3_qat.memory.base import MemoryInputError, _positive
-from gemma3_qat.memory.kv import _context_warnings
+from gemma3_qat.memory.kv import context_warnings
 from gemma3_qat.memory.spec import ModelSpec, model_spec, param_counts, text_tensors
 
 
@@ -53,7 +53,7 @@ class TrainingOptions:
         """The trainer's ``--mixed-precision auto`` on this device: bf16 autocast (CUDA) or fp32 compute."""
         # the trainer's rules, asked rather than restated; imported here so that the other memory views do not
         # load the trainer (torch, accelerate, datasets) at all
-        from gemma3_qat.qat.train import mixed_precision_for
+        from gemma3_qat.qat.config import mixed_precision_for
 
         return mixed_precision_for("auto", self.device == "cuda") == "bf16"
 
@@ -70,7 +70,7 @@ class TrainingOptions:
 
     @property
     def cache_on(self) -> bool:
-        from gemma3_qat.qat.train import fake_quant_cache_on
+        from gemma3_qat.qat.config import fake_quant_cache_on
 
         if self.fake_quant_cache is None:
             return fake_quant_cache_on("auto", is_fsdp=self.gpus > 1)
@@ -238,7 +238,7 @@ def training_memory(model: str | ModelSpec, opts: TrainingOptions | None = None,
     }
     notes = [f"tokens per GPU and micro-step: {opts.tokens:,} ({opts.micro_batch} x {opts.seq_len:,})"]
     if opts.seq_len > spec.context:
-        notes += _context_warnings(spec, opts.seq_len)
+        notes += context_warnings(spec, opts.seq_len)
     if n > 1:
         notes.append(f"FSDP over {n} GPUs: student weights, gradients and AdamW states sharded; activations, "
                      "logits and the live teacher are not")

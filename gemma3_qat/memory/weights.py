@@ -1,7 +1,7 @@
 """Weight bytes: how each tensor of a model is stored in a container (gguf, compact), and the totals by group.
 
 The per-tensor type rules (``_gguf_stored``, ``_compact_stored``) ask the exporters' own policy
-(``exporters.layout``) and the format objects, so they say what the exporters write; ``weight_bytes`` adds them
+(``layout``) and the format objects, so they say what the exporters write; ``weight_bytes`` adds them
 up by group. Byte arithmetic is ggml's row size over the ``gguf`` package's ``GGML_QUANT_SIZES``.
 """
 
@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gemma3_qat.exporters.layout import PLAIN_TYPES, GGUFTypes, role_is_quantized, text_gguf_name, vision_gguf_name
+from gemma3_qat.layout import PLAIN_TYPES, GGUFTypes, role_is_quantized, text_gguf_name, vision_gguf_name
 from gemma3_qat.formats import FORMATS
 from gemma3_qat.memory.base import (
     CONTAINERS,
     EMBEDDING_CHOICES,
     GROUPS,
-    QAT_FORMATS,
+    qat_formats,
     VISION_CHOICES,
-    WEIGHT_FORMATS,
+    weight_formats,
     MemoryInputError,
     _type_bytes,
 )
@@ -48,8 +48,8 @@ class WeightOptions:
     lossy: bool = False
 
     def __post_init__(self):
-        if self.format not in WEIGHT_FORMATS:
-            raise MemoryInputError(f"unknown format {self.format!r}; choose one of: {', '.join(WEIGHT_FORMATS)}")
+        if self.format not in weight_formats():
+            raise MemoryInputError(f"unknown format {self.format!r}; choose one of: {', '.join(weight_formats())}")
         if self.container not in CONTAINERS:
             raise MemoryInputError(f"unknown container {self.container!r}; choose one of: {', '.join(CONTAINERS)}")
         if self.embedding not in EMBEDDING_CHOICES:
@@ -57,8 +57,8 @@ class WeightOptions:
                                    f"{', '.join(EMBEDDING_CHOICES)}")
         if self.vision not in VISION_CHOICES:
             raise MemoryInputError(f"unknown vision type {self.vision!r}; choose one of: {', '.join(VISION_CHOICES)}")
-        if self.embedding == "quantized" and self.format not in QAT_FORMATS:
-            raise MemoryInputError(f"--embedding quantized needs a QAT format ({', '.join(QAT_FORMATS)}), not "
+        if self.embedding == "quantized" and self.format not in qat_formats():
+            raise MemoryInputError(f"--embedding quantized needs a QAT format ({', '.join(qat_formats())}), not "
                                    f"{self.format}")
 
 
@@ -156,7 +156,7 @@ _NOTES = {
 
 def embedding_for(fmt: str, embedding: str) -> str:
     """``quantized`` only means something for a QAT format: the others fall back to ``auto``."""
-    return "auto" if embedding == "quantized" and fmt not in QAT_FORMATS else embedding
+    return "auto" if embedding == "quantized" and fmt not in qat_formats() else embedding
 
 
 def weight_bytes(model: str | ModelSpec, opts: WeightOptions | None = None, **kwargs) -> WeightBytes:

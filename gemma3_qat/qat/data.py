@@ -351,8 +351,8 @@ def setup_run_data(config, log=print) -> RunData:
     ``teacher``, ``data``, ``seq_len``, ``validation_percent``, ``assistant_only``). No ``model`` = the embedded
     default model; no ``data`` = its sample data."""
     from gemma3_qat.assets import sample_data_specs
-    from gemma3_qat.checkpoint import local_tokenizer_dir
-    from gemma3_qat.models import resolve_model
+    from gemma3_qat.sources import local_tokenizer_dir
+    from gemma3_qat.sources import resolve_model
     from gemma3_qat.tokenizer import load_tokenizer
 
     model_source = resolve_model(config.model)

@@ -371,7 +371,7 @@ def load_teacher(source: str, device: torch.device | None = None):
     """The teacher: the unquantized checkpoint, frozen, in eval mode; bf16 on CUDA (the released checkpoints'
     dtype), fp32 on the CPU (bf16 matmuls there are slow and gain nothing). ``device`` None: spread over the
     visible GPUs (``device_map="auto"``, for a teacher cache of a model larger than one GPU) or the CPU."""
-    from gemma3_qat.models import load_gemma3
+    from gemma3_qat.sources import load_gemma3
 
     cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
     dtype = teacher_dtype(cuda)

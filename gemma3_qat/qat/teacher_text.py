@@ -41,7 +41,9 @@ def sample_texts(model, tokenizer, rows: int, tokens: int, *, seed: int = 0, tem
     from tqdm.auto import tqdm
 
     _check_arguments(rows, tokens, batch_size, temperature)
-    context = model.config.get_text_config().max_position_embeddings
+    from gemma3_qat.models import architecture_from_config
+
+    context = architecture_from_config(model.config, "model", "the loaded model").context
     if tokens + 1 > context:
         raise InputError(f"--tokens {tokens} is beyond the model's context of {context} tokens")
     device = next(model.parameters()).device
@@ -70,8 +72,9 @@ def write_teacher_text(output: str | Path, *, model: str | None = None, rows: in
                        progress: bool = True, log=print) -> Path:
     """``gemma3-qat sample-data``: sample the unquantized ``model`` (default: the embedded model) and write the
     rows as JSON lines to ``output``, atomically (an existing file is kept unless ``force``)."""
-    from gemma3_qat.checkpoint import atomic_file, check_output, local_tokenizer_dir
-    from gemma3_qat.models import resolve_model
+    from gemma3_qat.checkpoint import atomic_file, check_output
+    from gemma3_qat.sources import local_tokenizer_dir
+    from gemma3_qat.sources import resolve_model
     from gemma3_qat.qat.distill import load_teacher
     from gemma3_qat.tokenizer import load_tokenizer
 

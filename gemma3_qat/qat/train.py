@@ -4,9 +4,7 @@
     accelerate launch --config_file recipes/accelerate/fsdp-8gpu.yaml -m gemma3_qat.cli train \\
         --recipe recipes/gemma3-27b-int4-block.yaml
 
-Features and their flags (every recipe key is a flag too, except the nine in ``RECIPE_ONLY_KEYS``, which are
-tuning knobs set in a recipe: ``validation_percent``, ``min_lr_ratio``, ``fake_quant_cache``, ``eval_rows``,
-``keep_checkpoints``, ``scale_grad``, ``ptq_init``, ``vector_lr_mult``, ``embedding_lr_mult``):
+Features and their flags (every knob is a recipe key and a flag, declared once in ``qat.config.TrainConfig``):
 * formats ``--format int4-block|int4-channel|sfp8``, ``--quantize-embeddings`` (the tied table, lookup and head)
 * KD ``--kd full|sampled|topk``, ``--kd-k``, ``--kd-temperature``, ``--kd-alpha`` (mix in the next-token loss),
   computed in chunks of positions with the LM heads inside the chunk (``distill.kd_loss``, ``head``): no
@@ -38,7 +36,7 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -48,17 +46,15 @@ from gemma3_qat import __version__
 from gemma3_qat.checkpoint import (MANIFEST, QAT_JSON, TRAIN_CONFIG, QATMetadata, default_output, latest_run,
                                    verify_manifest, write_manifest, write_qat_checkpoint)
 from gemma3_qat.errors import CorruptFileError, Gemma3QATError, InputError, MissingFileError, OutputExistsError
-from gemma3_qat.formats import FormatError, get_format
+from gemma3_qat.formats import FormatError
 from gemma3_qat.qat.data import MixtureSampler, setup_run_data
-from gemma3_qat.qat.distill import KDConfig, kd_loss, load_teacher, validation_sums
-from gemma3_qat.qat.recipes import load_recipe, resolve_recipe  # noqa: F401 (resolve_recipe re-exported)
+from gemma3_qat.qat.config import TrainConfig, fake_quant_cache_on, mixed_precision_for
+from gemma3_qat.qat.distill import kd_loss, load_teacher, validation_sums
+from gemma3_qat.qat.recipes import resolve_recipe  # noqa: F401 (re-exported)
 
 __all__ = ["QATRecipe", "TrainConfig", "TrainingError", "TrainingStopped", "latest_run", "resolve_recipe", "train"]
 
 TRAINER_STATE = "trainer_state.json"  # in checkpoints/step-N/trainer/, next to accelerate's state: step and seed
-RECIPE_ONLY_KEYS = ("validation_percent", "min_lr_ratio", "fake_quant_cache", "eval_rows", "keep_checkpoints",
-                    "scale_grad", "ptq_init", "vector_lr_mult", "embedding_lr_mult")
-PTQ_INITS = ("rtn", "imatrix")
 PTQ_INIT_ROWS = 64  # training rows whose activations weigh the imatrix scale search
 
 
@@ -74,115 +70,6 @@ class TrainingStopped(Gemma3QATError):
     shell's code for a stop by SIGINT)."""
 
     exit_code = 130
-
-
-@dataclass
-class TrainConfig:
-    format: str = "int4-block"
-    model: str | None = None  # local dir or hub id; None = the embedded default model
-    teacher: str | None = None  # default: the model
-    quantize_embeddings: bool = False
-    data: list[str] = field(default_factory=list)  # FILE[:WEIGHT]; empty = the embedded sample data
-    validation_percent: float = 5.0
-    assistant_only: bool = False
-    seq_len: int = 256
-    batch_size: int = 8  # sequences per optimizer step, all processes together
-    micro_batch_size: int = 8  # sequences per forward on one process (gradient accumulation makes up the rest)
-    steps: int = 5000
-    lr: float = 1e-5
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    # lr of the vectors (the norm gains, never quantized) and of the token embedding (also the tied output head)
-    # relative to lr; 0 freezes them. Measured and left at 1 (recipes/default.yaml).
-    vector_lr_mult: float = 1.0
-    embedding_lr_mult: float = 1.0
-    max_grad_norm: float = 1.0
-    kd: str = "full"
-    kd_k: int = 256
-    kd_temperature: float = 1.0
-    kd_alpha: float = 0.0
-    teacher_cache: str | None = None
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU
-    fake_quant_cache: str = "auto"  # reuse fake-quant values between optimizer steps; auto: off under FSDP
-    # int4: the scales learn too, LSQ's gradient through the weight that sets each scale (formats.scale_gradient),
-    # times this (0: plain straight-through). The runtime rule is kept: exports and re-quantization stay exact.
-    scale_grad: float = 0.0
-    # int4: where QAT starts. rtn: the checkpoint's weights under the runtime rule (round-to-nearest Q4_0); imatrix:
-    # llama.cpp's imatrix-weighted scale search on the training rows' activations, realised on the rule (ptq_init)
-    ptq_init: str = "rtn"
-    eval_every: int = 50
-    eval_rows: int = 32
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    seed: int = 0
-    output: str | None = None
-    log_with: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        get_format(self.format)
-        KDConfig(self.kd, self.kd_k, self.kd_temperature, self.kd_alpha, self.seed)  # validates
-        for name in ("seq_len", "batch_size", "micro_batch_size", "eval_rows", "save_every", "eval_every"):
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.fake_quant_cache not in ("auto", "on", "off"):
-            raise InputError(f"--fake-quant-cache must be auto, on or off, got {self.fake_quant_cache!r}")
-        if self.steps < 0:
-            raise InputError(f"--steps must be 0 (post-training quantization only) or more, got {self.steps}")
-        frozen = "0 freezes those weights"
-        for name, zero in (("vector_lr_mult", frozen), ("embedding_lr_mult", frozen),
-                           ("scale_grad", "0: straight-through only")):
-            if not (getattr(self, name) >= 0):
-                raise InputError(f"{name} must be >= 0 ({zero}), got {getattr(self, name)!r}")
-        if self.ptq_init not in PTQ_INITS:
-            raise InputError(f"ptq_init must be one of {', '.join(PTQ_INITS)}, got {self.ptq_init!r}")
-        if self.ptq_init != "rtn":
-            from gemma3_qat.qat.ptq_init import searchable
-
-            searchable(self.format)
-        if self.mixed_precision not in ("auto", "no", "bf16"):
-            raise InputError(f"--mixed-precision must be auto, no or bf16 (fp16 overflows in Gemma 3), got "
-                             f"{self.mixed_precision!r}")
-
-    @property
-    def kd_config(self) -> KDConfig:
-        return KDConfig(self.kd, self.kd_k, self.kd_temperature, self.kd_alpha, self.seed)
-
-    @classmethod
-    def from_recipe(cls, path: str | Path | None, **overrides) -> "TrainConfig":
-        """A recipe YAML (``base: other.yaml`` inherits) with flag overrides on top (None = not given).
-
-        A recipe value may depend on the format, as a mapping from format name to value (``lr: {int4-block: 1e-4,
-        sfp8: 3e-5}``): the run's ``format`` picks one."""
-        values: dict = {}
-        if path is not None:
-            values = load_recipe(Path(path))
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise InputError(f"unknown recipe keys {unknown}; known keys: {', '.join(sorted(known))}")
-        fmt = values.get("format", cls.format)
-        if any(isinstance(v, dict) for v in values.values()):
-            get_format(fmt)  # an unknown --format is named as such, not as a recipe key without its value
-        for key, value in values.items():
-            if isinstance(value, dict):
-                if fmt not in value:
-                    raise InputError(f"recipe key {key!r} gives values for {', '.join(map(str, value))} but not for "
-                                     f"format {fmt!r}: add one, or pass --{key.replace('_', '-')}")
-                values[key] = value[fmt]
-        return cls(**values)
-
-
-def mixed_precision_for(setting: str, cuda: bool) -> str:
-    """``--mixed-precision auto``: bf16 autocast on CUDA, none on the CPU (the memory model asks this too)."""
-    return ("bf16" if cuda else "no") if setting == "auto" else setting
-
-
-def fake_quant_cache_on(setting: str, is_fsdp: bool) -> bool:
-    """``fake_quant_cache: auto``: on, except under FSDP (the memory model asks this too)."""
-    return {"auto": not is_fsdp, "on": True, "off": False}[setting]
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -267,12 +154,14 @@ class QATRecipe:
 
     def _setup_student(self):
         """The student: fp32 master (latent) weights, fake-quantized in the run's format."""
-        from gemma3_qat.models import load_gemma3
+        from gemma3_qat.models import architecture_from_config
         from gemma3_qat.qat.prepare import prepare
+        from gemma3_qat.sources import load_gemma3
 
         c = self.config
         student = load_gemma3(self.model_source, dtype=torch.float32)
-        context = student.config.get_text_config().max_position_embeddings
+        self.architecture = architecture_from_config(student.config, Path(self.model_source).name, self.model_source)
+        context = self.architecture.context
         if c.seq_len > context:
             raise InputError(f"--seq-len {c.seq_len} is beyond the model's context of {context} tokens")
         if c.ptq_init == "imatrix" and not self.resume:  # a resumed run's weights come from its checkpoint
@@ -466,7 +355,8 @@ class QATRecipe:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        write_qat_checkpoint(self.student, tmp, self._metadata(metrics), self.tokenizer_dir, accelerator=acc)
+        write_qat_checkpoint(self.student, tmp, self._metadata(metrics), self.tokenizer_dir,
+                             prepared_format=self.prepare_report.config.format, accelerator=acc)
         acc.save_state(str(tmp / "trainer"))
         acc.wait_for_everyone()  # every process's part (RNG states, FSDP shards) is on disk before the manifest
         if acc.is_main_process:
@@ -632,7 +522,8 @@ class QATRecipe:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         acc.wait_for_everyone()
-        write_qat_checkpoint(self.student, tmp, self._metadata(metrics), self.tokenizer_dir, accelerator=acc)
+        write_qat_checkpoint(self.student, tmp, self._metadata(metrics), self.tokenizer_dir,
+                             prepared_format=self.prepare_report.config.format, accelerator=acc)
         if acc.is_main_process:
             write_manifest(tmp)
             last = {MANIFEST: 1, QAT_JSON: 2}

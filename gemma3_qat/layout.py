@@ -5,7 +5,7 @@ drift apart (no I/O here: names and shapes in, decisions out):
 
 * names: HF -> GGUF for the text model (``text_gguf_name``) and the mmproj file (``vision_gguf_name``), and the
   legacy multimodal HF key layout llama.cpp's converter reads (``legacy_name``);
-* roles: each tensor is one of ``ROLES`` (the memory report's groups), or None for the tied head, which is
+* roles: each tensor is one of ``models.ROLES`` (the memory report's groups), or None for the tied head, which is
   never stored; ``is_quantized`` is the one name-based rule for "which tensors QAT quantized" (the matmuls, and
   the embedding when it was trained quantized): ``models.quantizable_linears`` is its form over modules, and
   ``tests/test_layout.py`` checks that both agree;
@@ -30,7 +30,6 @@ EMBEDDING_TYPES = ("auto", "q4_0", "q8_0", "f16", "bf16", "f32")
 VISION_TYPES = ("f32", "f16", "bf16")
 FILE_TYPES = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.BF16: LlamaFileType.MOSTLY_BF16,
               T.Q8_0: LlamaFileType.MOSTLY_Q8_0, T.Q4_0: LlamaFileType.MOSTLY_Q4_0}
-ROLES = ("embedding", "attention", "mlp", "norms", "vision", "projector")
 MATMUL_ROLES = QUANTIZED_GROUPS  # the language model's matmuls (attention, mlp): what QAT always quantizes
 
 _TEXT_PREFIX = re.compile(r"^(?:model\.language_model\.|language_model\.model\.|language_model\.|model\.)")

@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 
 from gemma3_qat import __version__
-from gemma3_qat.checkpoint import QAT_JSON, Checkpoint, QATMetadata, atomic_directory, copy_tokenizer_files
+from gemma3_qat.checkpoint import QAT_JSON, Checkpoint, QATMetadata, ShardWriter, atomic_directory, copy_tokenizer_files
 from gemma3_qat.errors import InputError
-from gemma3_qat.exporters.layout import MATMUL_ROLES, tensor_role
-from gemma3_qat.exporters.safetensors import _ShardWriter
+from gemma3_qat.layout import MATMUL_ROLES, tensor_role
 from gemma3_qat.formats import get_format
 from gemma3_qat.integrity import write_manifest
 from gemma3_qat.lattice import LAYOUTS, RULES, TensorLattice, lattice_fractions, looks_like, recover_tensor
@@ -197,7 +196,7 @@ def write_recovered_checkpoint(checkpoint: str | Path, output: str | Path, fmt: 
     ckpt = Checkpoint(checkpoint)
     ckpt.require_tokenizer_model()
     with atomic_directory(output, force=force) as tmp:
-        writer = _ShardWriter(tmp, max_shard_bytes, {"format": "pt", "gemma3_qat.version": __version__,
+        writer = ShardWriter(tmp, max_shard_bytes, {"format": "pt", "gemma3_qat.version": __version__,
                                                      "gemma3_qat.recovered_from": str(ckpt.path)})
 
         def sink(name: str, weight: torch.Tensor, lattice: TensorLattice | None) -> None:

@@ -1,4 +1,5 @@
-"""Tiny Gemma 3 checkpoints built locally, with the real architecture rules (for tests and the embedded model).
+"""Test fixtures: tiny Gemma 3 checkpoints built locally with the real architecture rules, and random-weight
+models at real shapes with Google's tokenizer. Tests and benchmarks only: nothing in ``gemma3_qat`` imports this.
 
 Rules kept: one global layer every 6 (starting local), QK-norm, tied embeddings, two RoPE bases (1e6 global,
 1e4 local), a sliding window smaller than the context, ``query_pre_attn_scalar = head_dim`` (llama.cpp applies
@@ -23,7 +24,7 @@ def tiny_architecture(vocab_size: int, *, hidden: int = 64, ffn: int = 128, laye
                       vision: VisionTower | None = None) -> Architecture:
     """The tiny models' record: no RoPE scaling, ``query_pre_attn_scalar = head_dim``, the default pattern."""
     return Architecture("tiny", layers, hidden, ffn, heads, kv_heads, head_dim, sliding_window, context, vocab_size,
-                        vision=vision, source="gemma3_qat.embedded.tiny", query_pre_attn_scalar=head_dim)
+                        vision=vision, source="tests/builders.py", query_pre_attn_scalar=head_dim)
 
 
 # A 4B-style tower, small: 56 px, patch 14 (16 patches), 4 soft tokens per image; ffn 86 like SigLIP's 4304, not a
@@ -86,7 +87,7 @@ def build_tiny_checkpoint(out_dir: str | Path, tokenizer_dir: str | Path, *, mul
 def shared_gemma3_tokenizer() -> Path | None:
     """Google's real Gemma 3 tokenizer (``tokenizer.json`` + ``tokenizer_config.json``, 262,144 pieces, no
     ``tokenizer.model``), kept next to the repository at ``../shared/gemma3-tokenizer``; None when absent."""
-    path = Path(__file__).resolve().parents[3] / "shared" / "gemma3-tokenizer"
+    path = Path(__file__).resolve().parents[2] / "shared" / "gemma3-tokenizer"
     return path if (path / "tokenizer.json").exists() else None
 
 
