@@ -2,7 +2,8 @@
 
 A QAT checkpoint is a plain HF checkpoint of the student's LATENT (unquantized) weights in the master-weight dtype
 (``config.json``, ``model.safetensors`` or shards + index, tokenizer files incl. ``tokenizer.model``) plus
-``qat.json``: the format, whether the embedding is quantized, the teacher, the data, the steps and the metrics.
+``qat.json``: the format, whether the embedding is quantized, the lattice of every quantized tensor (a mixture's
+differ by tensor), the teacher, the data, the steps and the metrics.
 The exporters apply the format's numerics to the latent weights, which reproduces the final training forward's
 codes exactly.
 """
@@ -18,12 +19,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from gemma3_qat.formats import get_format
+from gemma3_qat.formats import WeightFormat, get_format
+from gemma3_qat.layout import role_is_quantized, tensor_role, text_gguf_name
+from gemma3_qat.mixtures import mixture_lattices
 from gemma3_qat.models import Architecture, NotGemma3Error, architecture_from_config, is_multimodal_gemma3
 from gemma3_qat.errors import CorruptFileError, InputError, MissingFileError, OutputExistsError
 # the manifest functions are re-exported: the trainer writes and verifies manifests through this module
@@ -35,11 +38,20 @@ CHUNK_ELEMENTS = 1 << 24  # weights per streamed row chunk (64 MB in fp32): what
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json", "preprocessor_config.json",
                    "processor_config.json")
+# the attribute ``qat.prepare`` sets on a model it prepares: HF weight name -> lattice (format name) of every weight
+# it fake-quantizes, which ``write_qat_checkpoint`` records in qat.json
+LATTICES_ATTR = "gemma3_qat_lattices"
 
 
 @dataclass
 class QATMetadata:
-    """The contents of ``qat.json``."""
+    """The contents of ``qat.json``.
+
+    ``lattices``: HF weight name -> lattice (format name) of every tensor trained quantized, as ``qat.prepare``
+    chose it (``write_qat_checkpoint`` fills it in from the model); empty in a qat.json written before it existed,
+    where ``format`` is every trained tensor's (``Checkpoint.trained_formats``). A mixture (``q4_k_m``) always
+    quantizes the tied embedding (its policy's type), so ``quantize_embeddings`` is true for it.
+    """
 
     format: str
     quantize_embeddings: bool = False
@@ -50,9 +62,18 @@ class QATMetadata:
     kd: str | None = None
     metrics: dict = field(default_factory=dict)
     gemma3_qat_version: str = ""
+    lattices: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        get_format(self.format)  # an unknown format is a clear error, naming the valid ones
+        fmt = get_format(self.format)  # an unknown format is a clear error, naming the valid ones
+        if fmt.is_mixture:
+            self.quantize_embeddings = True
+        if not isinstance(self.lattices, dict):
+            raise InputError(f"qat.json: lattices must map tensor names to formats, got "
+                             f"{type(self.lattices).__name__}")
+        for name, lattice in self.lattices.items():
+            if get_format(lattice).is_mixture:
+                raise InputError(f"qat.json: {name}: {lattice} is a mixture, not a lattice")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -170,6 +191,26 @@ class Checkpoint:
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in set(self._files.values()))
+
+    def trained_formats(self) -> dict[str, WeightFormat]:
+        """Checkpoint name -> format (a lattice) of every tensor QAT trained quantized; {} without qat.json.
+
+        From qat.json's ``lattices``; a qat.json without them: its ``format`` for every tensor ``layout`` counts
+        as quantized, or, for a mixture, its policy over this checkpoint's architecture
+        (``mixtures.mixture_lattices``). Names are matched through their GGUF names, whatever the prefix."""
+        qat = self.qat
+        if qat is None:
+            return {}
+        fmt = get_format(qat.format)
+        if not qat.lattices and not fmt.is_mixture:
+            return {n: fmt for n in self.names() if role_is_quantized(tensor_role(n), qat.quantize_embeddings)}
+        chosen = qat.lattices or mixture_lattices(self.architecture, fmt.name)
+        by_gguf = {text_gguf_name(n): lattice for n, lattice in chosen.items()}
+        out = {n: get_format(by_gguf[g]) for n in self.names() if (g := text_gguf_name(n)) in by_gguf}
+        if len(out) != len(by_gguf):
+            raise CorruptFileError(f"{self.path / QAT_JSON}: its lattices name {len(by_gguf) - len(out)} tensors "
+                                   "this checkpoint does not hold; restore it or train again")
+        return out
 
     def require_tokenizer_model(self) -> Path:
         """The file the exporters build the vocabulary from: ``tokenizer.model``, else ``tokenizer.json`` (the
@@ -304,6 +345,9 @@ def write_qat_checkpoint(model, directory: str | Path, metadata: QATMetadata, to
         main = accelerator.is_main_process
     if prepared_format is not None and prepared_format != metadata.format:
         raise InputError(f"model is prepared for {prepared_format} but the metadata says {metadata.format}")
+    recorded = getattr(model, LATTICES_ATTR, None)
+    if recorded and not metadata.lattices:  # the lattice of every tensor the model fake-quantizes
+        metadata = replace(metadata, lattices=dict(recorded))
     if main:
         directory = Path(directory)
         # save_pretrained writes the Parameters as they are: the fake-quant modules keep the plain state-dict keys

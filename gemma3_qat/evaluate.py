@@ -124,7 +124,8 @@ def logits_batch(windows: torch.Tensor, vocab: int, budget: int = LOGITS_BUDGET_
 
 
 def load_for_eval(checkpoint: str | Path):
-    """A checkpoint in eval mode (fp32), with fake quantization from its ``qat.json`` if it has one."""
+    """A checkpoint in eval mode (fp32), with fake quantization from its ``qat.json`` if it has one: each tensor on
+    the lattice qat.json records for it (a mixture's differ by tensor; an older qat.json: its format)."""
     from gemma3_qat.checkpoint import QAT_JSON, QATMetadata
     from gemma3_qat.sources import load_gemma3
     from gemma3_qat.qat.prepare import prepare
@@ -133,7 +134,7 @@ def load_for_eval(checkpoint: str | Path):
     qat_json = Path(checkpoint) / QAT_JSON
     if qat_json.exists():
         meta = QATMetadata.read(qat_json)
-        prepare(model, meta.format, quantize_embeddings=meta.quantize_embeddings)
+        prepare(model, meta.format, quantize_embeddings=meta.quantize_embeddings, lattices=meta.lattices or None)
     return model
 
 

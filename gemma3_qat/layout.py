@@ -16,6 +16,7 @@ drift apart (no I/O here: names and shapes in, decisions out):
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
@@ -29,7 +30,8 @@ PLAIN_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0
 EMBEDDING_TYPES = ("auto", "q4_0", "q8_0", "f16", "bf16", "f32")
 VISION_TYPES = ("f32", "f16", "bf16")
 FILE_TYPES = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.BF16: LlamaFileType.MOSTLY_BF16,
-              T.Q8_0: LlamaFileType.MOSTLY_Q8_0, T.Q4_0: LlamaFileType.MOSTLY_Q4_0}
+              T.Q8_0: LlamaFileType.MOSTLY_Q8_0, T.Q4_0: LlamaFileType.MOSTLY_Q4_0, T.Q5_0: LlamaFileType.MOSTLY_Q5_0,
+              T.Q4_K: LlamaFileType.MOSTLY_Q4_K_S, T.Q6_K: LlamaFileType.MOSTLY_Q6_K}
 MATMUL_ROLES = QUANTIZED_GROUPS  # the language model's matmuls (attention, mlp): what QAT always quantizes
 
 _TEXT_PREFIX = re.compile(r"^(?:model\.language_model\.|language_model\.model\.|language_model\.|model\.)")
@@ -173,6 +175,9 @@ class GGUFTypes:
                             the plain type when that is f32/f16/bf16; or a type name.
     ``vision_type``         the mmproj matrices (vectors and the patch/position tables are always F32).
     ``lossy``               the format's lossy GGUF type instead of its exact one (sfp8: Q8_0).
+    ``lattices``            HF name -> the format of each trained tensor (a mixture's per-tensor lattices, from
+                            ``mixtures.mixture_lattices`` or the run's qat.json); None: ``format`` for all. A
+                            mixture's matmul or embedding that is not listed is F16 (its policy's "unusual shape").
     """
 
     format: WeightFormat | None = None
@@ -181,6 +186,7 @@ class GGUFTypes:
     embedding_type: str = "auto"
     vision_type: str = "f16"
     lossy: bool = False
+    lattices: Mapping[str, WeightFormat] | None = None
 
     def __post_init__(self):
         if self.embedding_type not in EMBEDDING_TYPES:
@@ -201,22 +207,41 @@ class GGUFTypes:
                 for f in lossy) + ")")
         if self.quantize_embeddings and self.format is None:
             raise ExportError("a quantized embedding needs a QAT format")
+        if self.format is not None and self.format.is_mixture:
+            if self.embedding_type != "auto":
+                raise ExportError(f"a {self.format.name} file's embedding takes its policy's type (its trained "
+                                  f"lattice); drop --embedding-type {self.embedding_type}")
+            if self.lattices is None:
+                raise ExportError(f"{self.format.name} is a mixture: its types need each tensor's lattice")
+            object.__setattr__(self, "quantize_embeddings", True)  # the policy quantizes the tied embedding
 
-    def trained(self, role: str | None) -> bool:
-        """Whether tensors of ``role`` hold the format's trained codes."""
-        return self.format is not None and role_is_quantized(role, self.quantize_embeddings)
+    def format_of(self, role: str | None, hf_name: str | None = None) -> WeightFormat | None:
+        """The format whose trained codes a tensor of ``role`` (named ``hf_name``) holds; None for the others."""
+        if self.format is None or not role_is_quantized(role, self.quantize_embeddings):
+            return None
+        if self.lattices is not None:
+            return self.lattices.get(hf_name)
+        return self.format
+
+    def trained(self, role: str | None, hf_name: str | None = None) -> bool:
+        """Whether a tensor of ``role`` (named ``hf_name``) holds trained codes."""
+        return self.format_of(role, hf_name) is not None
 
     def ggml_type(self, role: str, gguf_name: str, shape: tuple[int, ...], *,
-                  tensor_scale=None) -> GGMLQuantizationType:
+                  tensor_scale=None, hf_name: str | None = None) -> GGMLQuantizationType:
         """The type of one tensor. ``tensor_scale``: a per-tensor-scale format's scale of this tensor, where the
-        exact type depends on it (sfp8); None predicts the usual case."""
+        exact type depends on it (sfp8); None predicts the usual case. ``hf_name``: its checkpoint name, which
+        ``lattices`` is keyed by."""
         if role in ("vision", "projector"):
             vector_like = len(shape) == 1 or gguf_name in _VISION_F32
             return T.F32 if vector_like else PLAIN_TYPES[self.vision_type]
         if role == "norms":
             return T.F32  # and Gemma's (1 + w) folded in
-        if self.trained(role):
-            return self.format.gguf_ggml_type(lossy=self.lossy, tensor_scale=tensor_scale)
+        fmt = self.format_of(role, hf_name)
+        if fmt is not None:
+            return fmt.gguf_ggml_type(lossy=self.lossy, tensor_scale=tensor_scale)
+        if self.format is not None and self.format.is_mixture and role_is_quantized(role, True):
+            return T.F16  # rows that fit no block of the policy's types: llama-quantize keeps them F16
         if role == "embedding":
             if self.embedding_type != "auto":
                 return PLAIN_TYPES[self.embedding_type]
@@ -226,5 +251,8 @@ class GGUFTypes:
         raise ExportError(f"{gguf_name}: no GGUF type for a tensor of role {role!r}")
 
     def file_type(self, matmul_type: GGMLQuantizationType | None) -> LlamaFileType:
-        """``general.file_type``: the type of the body's matmuls."""
+        """``general.file_type``: a mixture's own (q4_k_m: MOSTLY_Q4_K_M, as llama-quantize writes), else the type
+        of the body's matmuls."""
+        if self.format is not None and self.format.gguf_file_type is not None:
+            return self.format.gguf_file_type
         return FILE_TYPES.get(matmul_type, LlamaFileType.ALL_F32)

@@ -1,5 +1,6 @@
-"""The three formats against independent references: the gguf package's Q4_0 (a port of ggml's C reference) and
-gemma.cpp's SFP8 vectors. Comparisons are exact (bit patterns), never approximate."""
+"""The formats against independent references: the gguf package's Q4_0 (a port of ggml's C reference) and
+gemma.cpp's SFP8 vectors (the llama.cpp lattices q4_k ... q8_0-lattice are checked against ggml's C in
+tests/test_kquants.py; here, what every format shares). Comparisons are exact (bit patterns), never approximate."""
 
 from pathlib import Path
 
@@ -13,11 +14,20 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from gemma3_qat.formats import (
-    FORMATS, SFP8_DECODE_TABLE, FormatError, fake_quantize, get_format, q4_0_blocks,
+    FORMATS, SFP8_DECODE_TABLE, FormatError, fake_quantize, get_format, lattice_formats, q4_0_blocks,
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BLOCK, CHANNEL, SFP = FORMATS["int4-block"], FORMATS["int4-channel"], FORMATS["sfp8"]
+LATTICES = sorted(lattice_formats())  # every format with numerics of its own (not the mixtures)
+# ggml's Q4_K and Q6_K searches are not idempotent on their own lattice: re-quantizing the dequantized values can
+# pick another (scale, min) or sub-block scale (tests/test_kquant_export.py measures how often)
+IDEMPOTENT = [n for n in LATTICES if n not in ("q4_k", "q6_k")]
+
+
+def cols(name: str, n: int) -> int:
+    """``n`` columns, or the format's block where that is larger (Q4_K, Q6_K: 256)."""
+    return max(n, getattr(get_format(name), "block", 1))
 
 
 def bits(x) -> np.ndarray:
@@ -197,7 +207,7 @@ weights = hnp.arrays(
 
 
 @settings(max_examples=200, deadline=None)
-@given(w=weights, name=st.sampled_from(sorted(FORMATS)))
+@given(w=weights, name=st.sampled_from(IDEMPOTENT))
 def test_quantize_dequantize_is_idempotent(w, name):
     fmt = get_format(name)
     x = torch.from_numpy(w)
@@ -228,26 +238,26 @@ def test_int4_block_requantizes_to_identical_bytes_in_gguf(w, dtype):
 # ---------------------------------------------------------------------------------------------- STE, devices
 
 
-@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("name", LATTICES)
 def test_straight_through_gradient_is_identity(name):
-    w = (torch.randn(8, 64) * 3).requires_grad_()
-    g = torch.randn(8, 64)
+    w = (torch.randn(8, cols(name, 64)) * 3).requires_grad_()
+    g = torch.randn(8, cols(name, 64))
     out = fake_quantize(w, name)
     assert torch.equal(out.detach(), get_format(name).fake_quantize_values(w))
     out.backward(g)
     assert torch.equal(w.grad, g)
 
 
-@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("name", LATTICES)
 def test_math_is_fp32_whatever_the_weight_dtype(name):
-    w = torch.randn(4, 64).to(torch.bfloat16)
+    w = torch.randn(4, cols(name, 64)).to(torch.bfloat16)
     fmt = get_format(name)
     assert torch.equal(fmt.quantize(w).codes, fmt.quantize(w.float()).codes)
     assert fake_quantize(w, name).dtype == torch.bfloat16
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("name", LATTICES)
 def test_cuda_matches_cpu_bit_for_bit(name):
     w = torch.randn(256, 1024) * 0.05
     fmt = get_format(name)
@@ -288,10 +298,10 @@ def test_container_facts_come_from_the_format_and_ggml_sizes():
         BLOCK.gguf_ggml_type(lossy=True)
 
 
-@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("name", LATTICES)
 def test_gguf_encoding_holds_the_fake_quant_values_bit_for_bit(name):
     fmt = get_format(name)
-    w = torch.randn(16, 128) * 0.05
+    w = torch.randn(16, cols(name, 128)) * 0.05
     scale = fmt.tensor_scale(w.abs().amax()) if fmt.granularity == "tensor" else None
     enc = fmt.gguf_encoding(tensor_scale=scale)
     assert enc.ggml_type == fmt.gguf_exact[0]
@@ -307,3 +317,37 @@ def test_gguf_encoding_holds_the_fake_quant_values_bit_for_bit(name):
     if len(fmt.gguf_exact) > 1:
         big = fmt.gguf_encoding(tensor_scale=torch.tensor(1.3))
         assert big.ggml_type == fmt.gguf_exact[1]
+
+
+def test_llama_cpp_lattices_are_formats_with_their_container_facts():
+    from gemma3_qat.formats import lattice_of_type
+    from gemma3_qat.layout import PLAIN_TYPES
+
+    assert not set(FORMATS) & set(PLAIN_TYPES)  # no name means two things to export --type / memory --format
+    want = {"q4_k": (GT.Q4_K, 4.5, 256, 144), "q6_k": (GT.Q6_K, 6.5625, 256, 210), "q5_0": (GT.Q5_0, 5.5, 32, 22),
+            "q8_0-lattice": (GT.Q8_0, 8.5, 32, 34)}
+    w = torch.randn(3, 512) * 0.02
+    for name, (ggml, bpw, block, nbytes) in want.items():
+        f = FORMATS[name]
+        assert lattice_of_type(ggml) is f and f.gguf_exact == (ggml,) and f.gguf_type == ggml.name
+        assert (f.bits_per_weight, f.block, f.compact_label) == (bpw, block, ggml.name)
+        assert f.compact_bytes((3, 512)) == 3 * 512 // block * nbytes  # the compact container: ggml's blocks
+        assert f.compressed_tensors_scheme() is None and not f.safetensors_codes and f.gguf_lossy is None
+        qw = f.quantize(w)
+        assert tuple(qw.scales.shape) == f.scale_shape((3, 512)) and qw.scales.dtype == torch.float16
+        assert torch.equal(f.dequantize(qw), f.fake_quantize_values(w))
+        if ggml == GT.Q8_0:  # the gguf package's own Q8_0 rule agrees
+            assert np.array_equal(f.gguf_encode(w, ggml).reshape(-1), gq.quantize(w.numpy(), ggml).reshape(-1))
+    with pytest.raises(FormatError, match=r"q4_k needs rows that are a multiple of 256 .*q4_k_m"):
+        FORMATS["q4_k"].fake_quantize_values(torch.randn(4, 640))
+    with pytest.raises(FormatError, match="q5_0 needs rows that are a multiple of 32"):
+        FORMATS["q5_0"].check_shape((4, 48))
+
+
+def test_a_mixture_is_named_but_has_no_numerics_of_its_own():
+    q4km = get_format("q4_k_m")
+    assert q4km.is_mixture and q4km.bits_range == (4.5, 8.5) and "Q4_K_M" in q4km.gguf_type
+    assert all(not get_format(n).is_mixture for n in q4km.lattices)
+    with pytest.raises(FormatError, match="q4_k_m is a mixture: each tensor has its own lattice"):
+        fake_quantize(torch.randn(4, 256), "q4_k_m")
+    assert "q4_k_m" not in lattice_formats()

@@ -229,7 +229,7 @@ def test_cli_errors_are_one_line(tiny_text_dir, tmp_path):
                              str(tiny_text_dir)], env=ENV, capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["error: unknown format 'int2'; choose one of: int4-block, "
-                                                  "int4-channel, sfp8"]
+                                                  "int4-channel, sfp8, q4_k, q6_k, q5_0, q8_0-lattice, q4_k_m"]
     assert "Traceback" not in result.stderr
     assert CliRunner().invoke(app, ["train", "--help"]).exit_code == 0
 
@@ -365,3 +365,41 @@ def test_lr_multipliers_of_zero_freeze_the_vectors_and_the_embedding(tiny_text_d
     assert not torch.equal(student[matrix], teacher[matrix].float())
     with pytest.raises(Exception, match="vector_lr_mult must be >= 0"):
         config(tiny_text_dir, sample_data, tmp_path / "bad", vector_lr_mult=-1.0)
+
+
+def test_auto_precision_follows_the_cpu_and_the_width(monkeypatch):
+    """`--mixed-precision auto`: bf16 on CUDA; on a CPU, bf16 only where it computes bf16 matmuls natively and the
+    model is wide enough; `no` and `bf16` force. A CPU without native bf16 keeps fp32 (the capability check's
+    answer forced)."""
+    from gemma3_qat.qat import precision as config
+
+    choose = config.choose_precision
+    assert choose("auto", cuda=True, hidden=64).mode == "bf16"
+    assert choose("auto", cuda=False, hidden=640, cpu_bf16="AVX512-BF16").mode == "bf16"
+    narrow = choose("auto", cuda=False, hidden=64, cpu_bf16="AVX512-BF16")
+    assert narrow.mode == "no" and "hidden size 64" in narrow.why
+    none = choose("auto", cuda=False, hidden=640, cpu_bf16=None)
+    assert none.mode == "no" and "no native bf16" in none.why
+    assert choose("bf16", cuda=False, hidden=64, cpu_bf16=None).mode == "bf16"
+    assert choose("no", cuda=True).mode == "no"
+    monkeypatch.setattr(config, "cpu_bf16_support", lambda: None)
+    assert choose("auto", cuda=False, hidden=640).mode == "no"
+    assert config.Precision("bf16", "").teacher_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="auto, no or bf16"):
+        choose("fp16", cuda=False)
+
+
+def test_fake_quant_values_follow_each_optimizer_step(tiny_text_dir, sample_data, tmp_path):
+    """The trainer's fused AdamW (CPU) updates the weights in place without bumping their version counter: the
+    cached fake-quant values must still be those of the updated weights at the next step (they were stale
+    before the trainer invalidated them)."""
+    recipe = QATRecipe(config(tiny_text_dir, sample_data, tmp_path / "run", steps=2), log=lambda *_: None)
+    recipe.setup()
+    try:
+        for _ in range(2):
+            recipe.train_step()
+            for q in recipe.fake_quantizers:
+                weight = next(m.weight for m in recipe.student.modules() if getattr(m, "weight_fake_quant", None) is q)
+                assert torch.equal(q.quantized_values(weight), q.format.fake_quantize_values(weight.detach()))
+    finally:
+        recipe.restore_signal_handlers()

@@ -303,10 +303,13 @@ def _tensor_types(ckpt: Checkpoint, type: str | None) -> tuple[str, str, bool]:
         if type is not None:
             raise GemmaCppError(f"{ckpt.path} is a QAT checkpoint ({qat.format}): its types come from qat.json; "
                                 "drop --type")
-        if qat.format != "sfp8":
+        if qat.format in ("int4-block", "int4-channel"):
             raise GemmaCppError(f"{ckpt.path} is an {qat.format} run: gemma.cpp has no int4 (Q4_0) type; export "
                                 "it --to gguf (llama.cpp Q4_0) or --to safetensors --layout compressed-tensors "
                                 "(vLLM)")
+        if qat.format != "sfp8":
+            raise GemmaCppError(f"{ckpt.path} is a {qat.format} run: gemma.cpp has none of its llama.cpp types "
+                                f"({get_format(qat.format).gguf_type}); export it --to gguf")
         return "SFP", "SFP" if qat.quantize_embeddings else "BF16", True
     type = type or "bf16"
     if type not in PLAIN_TYPES:

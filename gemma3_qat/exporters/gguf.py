@@ -4,6 +4,8 @@
   and scales** (the per-channel scale repeated in each block of its row), computed by ``gemma3_qat.formats`` from
   the latent weights exactly as the training forward did; never re-derived by another quantizer. sfp8 has no GGUF
   type: its exact values go in as BF16 when the per-tensor scale allows it, else F32 (or Q8_0 with ``lossy``).
+  The llama.cpp lattices (q4_k, q6_k, q5_0, q8_0-lattice) go in as their own type; a mixture (q4_k_m) writes each
+  tensor in the lattice qat.json records for it (llama-quantize Q4_K_M's type: ``gemma3_qat.mixtures``).
   The planner asks the format object for that encoding (``fmt.gguf_encoding``) and ``layout`` for
   names, roles and the type of everything else (``GGUFTypes``, which the memory model uses too).
 * A plain checkpoint: ``plain_type`` = f32 | f16 | bf16 | q8_0 | q4_0 (the post-training-quantization baseline).
@@ -98,7 +100,7 @@ def gguf_types_of(ckpt: Checkpoint, *, plain_type: str | None = None, embedding_
                           "drop --type")
     return GGUFTypes(get_format(qat.format) if qat else None, plain_type,
                      quantize_embeddings=bool(qat and qat.quantize_embeddings), embedding_type=embedding_type,
-                     lossy=lossy)
+                     lossy=lossy, lattices=ckpt.trained_formats() if qat else None)
 
 
 def plan_text_export(ckpt: Checkpoint, path: Path, *, plain_type: str | None = None,
@@ -118,16 +120,17 @@ def plan_text_export(ckpt: Checkpoint, path: Path, *, plain_type: str | None = N
             plan.tensors.append(TensorPlan(gguf_name, hf_name, shape, T.F32,
                                            _plain_encoder(T.F32, hf_name, add_one=hf_name.endswith("norm.weight"))))
             continue
-        if types.trained(role):
+        trained = types.format_of(role, hf_name)  # the tensor's lattice: a mixture's differ by tensor
+        if trained is not None:
             try:
-                fmt.check_shape(shape)
+                trained.check_shape(shape)
             except FormatError as e:
                 raise ExportError(f"{hf_name}: {e}") from None
-            scale = fmt.tensor_scale(ckpt.max_abs(hf_name)) if fmt.granularity == "tensor" else None
-            encoding = fmt.gguf_encoding(lossy=lossy, tensor_scale=scale)
+            scale = trained.tensor_scale(ckpt.max_abs(hf_name)) if trained.granularity == "tensor" else None
+            encoding = trained.gguf_encoding(lossy=lossy, tensor_scale=scale)
             ggml_type, encode, note = encoding.ggml_type, encoding.encode, encoding.note
         else:
-            ggml_type = types.ggml_type(role, gguf_name, shape)
+            ggml_type = types.ggml_type(role, gguf_name, shape, hf_name=hf_name)
             encode, note = _plain_encoder(ggml_type, hf_name), "converted"
         check_rows(ggml_type, hf_name, shape)
         if role in MATMUL_ROLES:

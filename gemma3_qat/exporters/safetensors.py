@@ -7,7 +7,12 @@ Layouts:
                          values. BF16: only where exact, or when asked (re-quantization is then not lossless).
                          ``config.json`` says bfloat16 whatever the storage dtype (Gemma 3 overflows in fp16).
                          Multimodal checkpoints use the legacy key layout llama.cpp's converter reads. This is the
-                         layout of Google's ``-qat-q4_0-unquantized`` releases.
+                         layout of Google's ``-qat-q4_0-unquantized`` releases. A llama.cpp lattice or a mixture
+                         (q4_k_m): each tensor holds its own lattice's values (F32: exact); llama.cpp's convert +
+                         ``llama-quantize Q4_K_M`` of them gives the same types and values (Q4_K, Q5_0, Q8_0 the same
+                         bytes; Q6_K may store some sub-block scales differently for the same values:
+                         ``tests/test_kquant_export.py`` measures it). The run directory's own latent weights
+                         re-quantize to the trained bytes of every type.
 * ``compressed-tensors`` vLLM's ``pack-quantized`` int4 (W4A16, symmetric; group 32 for int4-block, channel for
                          int4-channel): ``weight_packed`` (int32, eight 4-bit values ``k + 8``), ``weight_scale`` (the
                          trained fp16 scale, stored as fp32 so decompression is exact), ``weight_shape``.
@@ -44,7 +49,7 @@ from gemma3_qat.checkpoint import (
     copy_tokenizer_files,
 )
 from gemma3_qat.report import PlanRow
-from gemma3_qat.layout import legacy_name, role_is_quantized, tensor_role
+from gemma3_qat.layout import legacy_name, tensor_role
 from gemma3_qat.formats import FORMATS, SFP8, SFP8_DECODE_TABLE, FormatError, WeightFormat, get_format
 from gemma3_qat.errors import CorruptFileError, InputError, MissingFileError
 
@@ -119,11 +124,13 @@ class SafetensorsPlan:
                 for t in self.tensors for s in t.stored]
 
 
-def _plan_tensor(ckpt: Checkpoint, name: str, fmt: WeightFormat, layout: str, store: torch.dtype) -> TensorPlan:
+def _plan_tensor(ckpt: Checkpoint, name: str, fmt: WeightFormat | None, layout: str,
+                 store: torch.dtype) -> TensorPlan:
+    """``fmt``: the tensor's trained format (its lattice), None for a tensor not trained quantized."""
     out_name = legacy_name(name) if ckpt.multimodal else name
     shape = ckpt.shape(name)
     role = tensor_role(name)
-    if not role_is_quantized(role, ckpt.qat.quantize_embeddings):
+    if fmt is None:
         dtype = SAFETENSORS_DTYPES[ckpt.dtype(name)]
         # unquantized float tensors at --dtype (bf16 for the packed and codes layouts: what the memory model counts
         # and gemma.cpp keeps), not the latent fp32 master copy; integer tensors as they are
@@ -166,10 +173,11 @@ def plan_safetensors_export(ckpt: Checkpoint, output: Path, *, layout: str = UNQ
         except FormatError as e:
             raise SafetensorsExportError(str(e)) from None
     plan = SafetensorsPlan(Path(output), layout, dtype, fmt.name)
+    trained = ckpt.trained_formats()  # each tensor's lattice (a mixture's differ by tensor)
     for name in ckpt.names():
         if tensor_role(name) is None:
             continue  # lm_head: tied to the embedding
-        plan.tensors.append(_plan_tensor(ckpt, name, fmt, layout, store))
+        plan.tensors.append(_plan_tensor(ckpt, name, trained.get(name), layout, store))
     return plan
 
 
@@ -227,17 +235,18 @@ def export_safetensors(checkpoint: str | Path, output: str | Path | None = None,
         metadata.update(fmt.safetensors_metadata)
     ignore = ["lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*", "re:.*embed_tokens.*"]
     inexact = []
+    trained = ckpt.trained_formats()
     with atomic_directory(plan.path, force=force, make_parents=False) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes, metadata)
         for t in plan.tensors:
             latent = ckpt.read(t.hf_name)
             if t.kind == "values":
-                values = fmt.fake_quantize_values(latent)
+                values = trained[t.hf_name].fake_quantize_values(latent)
                 tensors = [values.to(store)]
                 if store != torch.float32 and not torch.equal(tensors[0].float(), values):
                     inexact.append(t.hf_name)
             else:
-                tensors = _encode(t, latent, fmt)
+                tensors = _encode(t, latent, trained.get(t.hf_name, fmt))
             for want, tensor in zip(t.stored, tensors, strict=True):
                 if tensor.dtype != want.dtype or tuple(tensor.shape) != want.shape:
                     raise SafetensorsExportError(f"internal error: {want.name} is {tensor.dtype} "
@@ -261,7 +270,9 @@ def export_safetensors(checkpoint: str | Path, output: str | Path | None = None,
         log(f"warning: {len(inexact)} quantized tensors are not exact in {plan.dtype} (e.g. {inexact[0]}); "
             "llama.cpp re-quantization of this file will not be lossless" if plan.dtype == "bf16" else
             f"note: {len(inexact)} tensors rounded to {plan.dtype}; llama.cpp's Q4_0 still re-quantizes them to the "
-            "trained bytes (F32 keeps the exact values)")
+            "trained bytes (F32 keeps the exact values)" if fmt.name in ("int4-block", "int4-channel") else
+            f"warning: {len(inexact)} quantized tensors are not exact in {plan.dtype} (e.g. {inexact[0]}); F32 keeps "
+            "the exact values")
     return plan
 
 

@@ -8,15 +8,17 @@ from gemma3_qat.formats.weight_format import WeightFormat
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Forward: the fake-quantized values. Backward: the gradient passes to the latent weight unchanged."""
+    """Forward: the fake-quantized values (in their own dtype: bf16 under autocast). Backward: the gradient passes
+    to the latent weight unchanged, in the latent's dtype."""
 
     @staticmethod
     def forward(ctx, latent: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        ctx.latent_dtype = latent.dtype
         return quantized.view_as(quantized)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None
+        return grad.to(ctx.latent_dtype), None
 
 
 class _StraightThroughWithScale(torch.autograd.Function):
@@ -31,6 +33,7 @@ class _StraightThroughWithScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (latent,) = ctx.saved_tensors
+        grad = grad.to(latent.dtype)
         extra = ctx.fmt.scale_gradient(latent, grad)
         return (grad if extra is None else grad + ctx.scale_grad * extra), None, None, None
 

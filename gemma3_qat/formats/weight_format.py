@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGMLQuantizationType, LlamaFileType
 from gguf import quants as gguf_quants
 
 from gemma3_qat.formats.base import FP16_MAX, FormatError, QuantizedWeight
@@ -50,8 +50,11 @@ class WeightFormat:
     gguf_exact: tuple[GGMLQuantizationType, ...] = ()
     gguf_lossy: GGMLQuantizationType | None = None
     gguf_caveat: str = ""  # said in the export plan and model card: how GGUF differs from the compact container
+    gguf_file_type: LlamaFileType | None = None  # general.file_type where it is the format's (a mixture's), not
+    # the body's type
     safetensors_codes: bool = False  # its codes + scale are a safetensors layout of their own (named after it)
     safetensors_metadata: dict[str, str] = {}  # that layout's file metadata
+    is_mixture: bool = False  # a per-tensor choice of lattices (``formats.mixture``), with no numerics of its own
 
     # ---------------------------------------------------------------------------------------------- numerics
 
@@ -78,7 +81,18 @@ class WeightFormat:
         """The per-tensor scale from the tensor's max |w| (formats with ``granularity == "tensor"``)."""
         raise FormatError(f"{self.name} has no per-tensor scale")
 
-    def _values(self, rows: torch.Tensor, tensor_scale: torch.Tensor | None) -> torch.Tensor:
+    def tensor_scale_of(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The whole tensor's scale where the format has one per tensor (``granularity == "tensor"``), else None:
+        what ``rows_values`` needs to quantize some rows of it exactly as the whole tensor."""
+        if self.granularity != "tensor":
+            return None
+        w = weight.detach()
+        return self.tensor_scale(torch.maximum(w.amax(), -w.amin()).to(torch.float32))
+
+    def rows_values(self, rows: torch.Tensor, tensor_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The fake-quantized values of some whole rows of a tensor (a chunk for an export, the rows an embedding
+        looks up): every format's groups lie within a row, so they equal those rows of the whole tensor's values,
+        given the tensor's own scale where the format has one per tensor (``tensor_scale_of``)."""
         if tensor_scale is None:
             return self.fake_quantize_values(rows)
         return self.fake_quantize_values(rows, scale=tensor_scale)
@@ -91,6 +105,11 @@ class WeightFormat:
         but not one scale per row or tensor, whose share depends on the shape (see ``compact_bytes``)."""
         scale_bits = torch.finfo(self.scale_dtype).bits
         return self.code_bits + (scale_bits / self.granularity if isinstance(self.granularity, int) else 0.0)
+
+    @property
+    def bits_range(self) -> tuple[float, float]:
+        """The lowest and highest bits per weight of its tensors (a mixture's differ)."""
+        return (self.bits_per_weight, self.bits_per_weight)
 
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the scales of a weight of ``shape`` (as ``quantize`` returns them)."""
@@ -148,7 +167,7 @@ class WeightFormat:
                     tensor_scale: torch.Tensor | None = None) -> np.ndarray:
         """A chunk of rows of a trained tensor in ``ggml_type``'s layout. Default: the fake-quantized values,
         encoded by the runtime's own rule for that type (exact where the type holds them)."""
-        return encode_values(self._values(rows, tensor_scale), ggml_type)
+        return encode_values(self.rows_values(rows, tensor_scale), ggml_type)
 
     def gguf_encoding(self, *, lossy: bool = False, tensor_scale: torch.Tensor | None = None) -> GGUFEncoding:
         ggml_type = self.gguf_ggml_type(lossy=lossy, tensor_scale=tensor_scale)

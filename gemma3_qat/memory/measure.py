@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gemma3_qat.errors import MissingFileError
+from gemma3_qat.formats import FORMATS
 from gemma3_qat.layout import FILE_TYPES, PLAIN_TYPES
 from gemma3_qat.memory.base import MemoryInputError, qat_formats
 from gemma3_qat.memory.spec import ModelSpec, NotGemma3Error, VisionSpec, _vision_tensors, layer_types
@@ -56,7 +57,9 @@ def _field(reader, key: str, default=None):
     return default if f is None else f.contents()
 
 
-_FILE_TYPE_FORMATS = {int(FILE_TYPES[t]): name for name, t in PLAIN_TYPES.items()}  # general.file_type -> type
+# general.file_type -> type; a mixture's own file type (llama-quantize's Q4_K_M files: q4_k_m)
+_FILE_TYPE_FORMATS = {int(FILE_TYPES[t]): name for name, t in PLAIN_TYPES.items()} | {
+    int(f.gguf_file_type): name for name, f in FORMATS.items() if f.gguf_file_type is not None}
 
 
 def _spec_from_gguf(reader, path: Path) -> tuple[ModelSpec | VisionSpec, int, str]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gemma3_qat.layout import PLAIN_TYPES, GGUFTypes, role_is_quantized, text_gguf_name, vision_gguf_name
-from gemma3_qat.formats import FORMATS
+from gemma3_qat.formats import FORMATS, FormatError, WeightFormat
+from gemma3_qat.mixtures import mixture_lattices
 from gemma3_qat.memory.base import (
     CONTAINERS,
     EMBEDDING_CHOICES,
@@ -37,6 +38,7 @@ class WeightOptions:
     ``embedding``  ``auto``: GGUF = the exporter's ``--embedding-type auto`` (Q8_0, or the plain type when that
                    is f32/f16/bf16); compact = bf16 (gemma.cpp and compressed-tensors keep it unquantized).
                    ``quantized``: trained on the format's grid (``--quantize-embeddings``). Or a type name.
+                   A mixture (q4_k_m) always trains it, at its policy's type: ``auto`` = ``quantized``.
     ``vision``     ``auto`` (GGUF: as the mmproj exporter; compact: bf16), ``none`` (text only), or a type.
     ``lossy``      sfp8 in GGUF as Q8_0 (the exporter's ``--lossy``).
     """
@@ -60,6 +62,11 @@ class WeightOptions:
         if self.embedding == "quantized" and self.format not in qat_formats():
             raise MemoryInputError(f"--embedding quantized needs a QAT format ({', '.join(qat_formats())}), not "
                                    f"{self.format}")
+        if self.format in FORMATS and FORMATS[self.format].is_mixture:
+            if self.embedding not in ("auto", "quantized"):
+                raise MemoryInputError(f"{self.format}'s embedding takes its policy's type (Q6_K, or Q8_0 when "
+                                       f"rows are not a multiple of 256); drop --embedding {self.embedding}")
+            object.__setattr__(self, "embedding", "quantized")
 
 
 @dataclass(frozen=True)
@@ -74,28 +81,50 @@ class StoredTensor:
     nbytes: int
 
 
-def _gguf_types(opts: WeightOptions) -> GGUFTypes:
+def _lattices(spec: ModelSpec, opts: WeightOptions) -> dict[str, WeightFormat] | None:
+    """HF name -> lattice of a mixture's tensors (``mixtures.mixture_lattices``: what the trainer and the
+    exporter use); None for a single format."""
+    fmt = FORMATS.get(opts.format)
+    if fmt is None or not fmt.is_mixture:
+        return None
+    return {name: FORMATS[lattice] for name, lattice in mixture_lattices(spec, fmt.name).items()}
+
+
+def _gguf_types(opts: WeightOptions, lattices: dict[str, WeightFormat] | None = None) -> GGUFTypes:
     """The exporter's own type policy (``exporters.layout.GGUFTypes``) for these options: one rule for both."""
     fmt = FORMATS.get(opts.format)  # a QAT format, or None for bf16 / a plain GGUF type
     return GGUFTypes(fmt, None if fmt else opts.format, quantize_embeddings=opts.embedding == "quantized",
                      embedding_type="auto" if opts.embedding in ("auto", "quantized") else opts.embedding,
                      vision_type="f16" if opts.vision in ("auto", "none") else opts.vision,
-                     lossy=opts.lossy and fmt is not None and fmt.gguf_lossy is not None)
+                     lossy=opts.lossy and fmt is not None and fmt.gguf_lossy is not None, lattices=lattices)
 
 
-def _gguf_stored(t: TensorSpec, opts: WeightOptions) -> StoredTensor:
+def _gguf_stored(t: TensorSpec, opts: WeightOptions, lattices: dict[str, WeightFormat] | None = None) -> StoredTensor:
     """As ``export_gguf`` writes it. A per-tensor-scale format (sfp8) is predicted at its usual scale (BF16);
-    only the file can tell a tensor whose scale is not bf16-exact (F32): ``measure_gguf`` explains it."""
+    only the file can tell a tensor whose scale is not bf16-exact (F32): ``measure_gguf`` explains it.
+    ``lattices``: a mixture's (``_lattices``)."""
     vision = t.group in ("vision", "projector")
     name = vision_gguf_name(t.name) if vision else text_gguf_name(t.name)
-    ggml_type = _gguf_types(opts).ggml_type(t.group, name, t.shape)
+    types = _gguf_types(opts, lattices)
+    trained = types.format_of(t.group, t.name)
+    if trained is not None:
+        try:
+            trained.check_shape(t.shape)  # its own words: q4_k on 640-wide rows names q4_k_m
+        except FormatError as e:
+            raise MemoryInputError(f"{t.name}: {e}") from None
+    ggml_type = types.ggml_type(t.group, name, t.shape, hf_name=t.name)
     return StoredTensor(name, t.name, t.shape, t.group, ggml_type.name, _type_bytes(ggml_type, t.numel, t.shape[-1]))
 
 
-def _compact_stored(t: TensorSpec, opts: WeightOptions) -> StoredTensor:
-    """In the format's own container: its trained tensors at the format's ``compact_bytes``, the rest bf16
-    (the checkpoint's dtype) unless a type is asked for."""
-    if role_is_quantized(t.group, opts.embedding == "quantized") and opts.format in FORMATS:
+def _compact_stored(t: TensorSpec, opts: WeightOptions, lattices: dict[str, WeightFormat] | None = None
+                    ) -> StoredTensor:
+    """In the format's own container: its trained tensors at the format's ``compact_bytes`` (a mixture's: each
+    tensor's lattice's), the rest bf16 (the checkpoint's dtype) unless a type is asked for."""
+    if lattices is not None:
+        if t.name in lattices:
+            fmt = lattices[t.name]
+            return StoredTensor(t.name, t.name, t.shape, t.group, fmt.compact_label, fmt.compact_bytes(t.shape))
+    elif role_is_quantized(t.group, opts.embedding == "quantized") and opts.format in FORMATS:
         fmt = FORMATS[opts.format]
         return StoredTensor(t.name, t.name, t.shape, t.group, fmt.compact_label, fmt.compact_bytes(t.shape))
     if t.group in ("vision", "projector"):
@@ -105,7 +134,7 @@ def _compact_stored(t: TensorSpec, opts: WeightOptions) -> StoredTensor:
     elif t.group == "norms":
         label = "bf16"  # the checkpoint's dtype; a few hundred KB whatever the choice
     else:
-        label = opts.format  # bf16 or a plain type
+        label = opts.format if opts.format in PLAIN_TYPES else "bf16"  # bf16, a plain type; a mixture's F16 rest
     ggml_type = PLAIN_TYPES[label]
     return StoredTensor(t.name, t.name, t.shape, t.group, ggml_type.name,
                         _type_bytes(ggml_type, t.numel, t.shape[-1]))
@@ -114,11 +143,13 @@ def _compact_stored(t: TensorSpec, opts: WeightOptions) -> StoredTensor:
 def stored_tensors(model: str | ModelSpec, opts: WeightOptions) -> list[StoredTensor]:
     """Every tensor with its storage type and exact bytes (no ``vision`` group when ``opts.vision == 'none'``)."""
     spec = model_spec(model)
+    lattices = _lattices(spec, opts)
     out = []
     for t in model_tensors(spec):
         if t.group in ("vision", "projector") and opts.vision == "none":
             continue
-        out.append(_gguf_stored(t, opts) if opts.container == "gguf" else _compact_stored(t, opts))
+        stored = _gguf_stored if opts.container == "gguf" else _compact_stored
+        out.append(stored(t, opts, lattices))
     return out
 
 
@@ -151,6 +182,9 @@ _NOTES = {
     ("int4-block", "compact"): "4 bits + one fp16 scale per 32 (compressed-tensors W4A16 group 32 = Q4_0 bytes)",
     ("sfp8", "gguf"): "no SFP type in GGUF: exact BF16 values (F32 if a tensor scale is not bf16-exact)",
     ("sfp8", "compact"): "1 byte + one fp32 scale per tensor (gemma.cpp SFP)",
+    ("q4_k_m", "gguf"): "llama-quantize Q4_K_M's type per tensor (Q4_K, Q6_K; Q5_0 / Q8_0 where rows are not a "
+                        "multiple of 256)",
+    ("q4_k_m", "compact"): "as gguf (ggml's block layout is the lattices' own container), the rest bf16",
 }
 
 
