@@ -8,8 +8,9 @@
 ``data`` values are ``default`` (the embedded sample data) or ``FILE[:WEIGHT]`` sources joined by ``+``.
 ``--model DIR --data FILE[:WEIGHT] ...`` sweeps another model (e.g. the second model of
 ``benchmarks/second-model-pretrain.yaml``) with its data. ``--llama`` also exports each run to GGUF and measures it in
-llama.cpp on the embedded model's held-out modules (the 64 windows of the README's quality table): the number the
-issue bars are set on, where ``val_kl`` is measured on held-out rows of the training data itself.
+llama.cpp on the embedded model's held-out modules (the 64 windows of the quality table), and the run's fake-quant
+student in PyTorch on the same windows, both against the fp32 teacher (``val_kl`` is measured on held-out rows of the
+training data, against the run's own teacher: in bf16 under ``--set mixed_precision=bf16``).
 
 Each variant is ``TrainConfig.from_recipe(recipes/default.yaml, format=..., **variant)`` trained on the embedded
 model and data (or ``--model``'s), each in its own process (``--jobs`` at once, the CPU threads split between
@@ -67,17 +68,19 @@ def run_name(variant: dict, seed: int) -> str:
     return ("-".join(f"{k}={_show(v)}" for k, v in variant.items()) or "recipe") + f"-seed{seed}"
 
 
-def llama_kl(run: Path, threads: int, windows: int = 64, teacher: str | None = None) -> float:
-    """The run exported to GGUF and measured in llama.cpp on the embedded validation split (``gemma3-qat eval``)."""
+def llama_kl(run: Path, threads: int, windows: int = 64, teacher: str | None = None) -> tuple[float, float]:
+    """(the run exported to GGUF and measured in llama.cpp, the run's fake-quant student in PyTorch): KL to the fp32
+    teacher on the embedded validation split, one ``gemma3-qat eval`` of both (the same windows, one teacher)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TQDM_DISABLE="1")
     cli = [sys.executable, "-m", "gemma3_qat.cli"]
     gguf = run.parent / f"{run.name}.gguf"  # not with_suffix: run names hold dots (lr=3.5e-05, x.jsonl:0.5)
     subprocess.run(cli + ["export", str(run), "--to", "gguf", "-o", str(gguf), "--force"], check=True, env=env,
                    capture_output=True)
-    out = subprocess.run(cli + ["eval", str(gguf), "--max-windows", str(windows), "--json"]
+    out = subprocess.run(cli + ["eval", str(run), str(gguf), "--max-windows", str(windows), "--json"]
                          + (["--teacher", teacher] if teacher else []), check=True, env=env,
                          capture_output=True, text=True).stdout
-    return next(r["kl_mean"] for r in json.loads(out[out.index("{"):])["results"] if r["name"] == gguf.name)
+    kl = {r["name"]: r["kl_mean"] for r in json.loads(out[out.index("{"):])["results"]}
+    return kl[gguf.name], kl[run.name]
 
 
 def run_one(variant: dict, fmt: str, steps: int | None, seed: int, threads: int, workdir: Path,
@@ -100,8 +103,8 @@ def run_one(variant: dict, fmt: str, steps: int | None, seed: int, threads: int,
     if proc.returncode:
         raise SystemExit(f"variant {variant} failed (exit {proc.returncode}); see {workdir / (out.name + '.log')}")
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    kl = llama_kl(out, threads, teacher=source.get("model")) if llama else None
-    return {"val": [r for r in rows if "val_kl" in r], "llama_kl": kl}
+    kl, torch_kl = llama_kl(out, threads, teacher=source.get("model")) if llama else (None, None)
+    return {"val": [r for r in rows if "val_kl" in r], "llama_kl": kl, "pytorch_kl": torch_kl}
 
 
 def main():
@@ -149,15 +152,17 @@ def main():
     if any("data" in v for v, _ in todo):
         print("# val KL is measured on each variant's own data: across data variants compare the llama.cpp column"
               + ("" if args.llama else " (--llama)"))
-    print("| variant | seed | val KL | vs first | val top-1 | val ppl |" + (" llama.cpp KL | vs first |" * args.llama))
-    print("|---|---|---|---|---|---|" + "---|---|" * args.llama)
+    print("| variant | seed | val KL | vs first | val top-1 | val ppl |"
+          + (" PyTorch KL | vs first | llama.cpp KL | vs first |" * args.llama))
+    print("|---|---|---|---|---|---|" + "---|---|---|---|" * args.llama)
     for (v, seed), r in zip(todo, results):
         f = r["val"][-1]
         name = ", ".join(f"{k}={_show(val)}" for k, val in v.items()) or "recipe"
         line = (f"| {name} | {seed} | {f['val_kl']:.5f} | {f['val_kl'] / first:.3f}x | {100 * f['val_top1']:.2f}% | "
                 f"{f['val_ppl']:.3f} |")
         if args.llama:
-            line += f" {r['llama_kl']:.5f} | {r['llama_kl'] / results[0]['llama_kl']:.3f}x |"
+            line += (f" {r['pytorch_kl']:.5f} | {r['pytorch_kl'] / results[0]['pytorch_kl']:.3f}x | "
+                     f"{r['llama_kl']:.5f} | {r['llama_kl'] / results[0]['llama_kl']:.3f}x |")
         print(line)
 
 

@@ -49,15 +49,16 @@ def formats(as_json: bool = typer.Option(False, "--json", help="Machine-readable
     from gemma3_qat.formats import FORMATS
 
     rows = [
-        {"format": f.name, "bits_per_weight": f.bits_per_weight, "what": f.summary, "gguf": f.gguf_type,
-         "runs_on": f.runtimes}
+        {"format": f.name, "bits_per_weight": f.bits_per_weight, "bits_per_weight_max": f.bits_range[1],
+         "mixture": f.is_mixture, "what": f.summary, "gguf": f.gguf_type, "runs_on": f.runtimes}
         for f in FORMATS.values()
     ]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        typer.echo(f"{r['format']:<13} {r['bits_per_weight']:>4} bits/weight  {r['what']}")
+        bits = f"{r['bits_per_weight']}" + (f"-{r['bits_per_weight_max']}" if r["mixture"] else "")
+        typer.echo(f"{r['format']:<13} {bits:>7} bits/weight  {r['what']}")
         typer.echo(f"{'':<13} GGUF: {r['gguf']}")
         typer.echo(f"{'':<13} runs on: {r['runs_on']}")
 
@@ -335,8 +336,9 @@ def memory(
     model: Annotated[Optional[str], typer.Option(help="270m, 1b, 4b, 12b, 27b or a directory with a Gemma 3 config.json. "
                                                  "Default: an overview of the five sizes.")] = None,
     format: Annotated[Optional[list[str]], typer.Option("--format", "-f", help="bf16, int4-channel, int4-block, "
-                                                        "sfp8 (or f32, f16, q8_0, q4_0); repeatable. Default: "
-                                                        "Table 3's four.")] = None,
+                                                        "sfp8, q4_k_m, a llama.cpp lattice (q4_k, q6_k, q5_0, "
+                                                        "q8_0-lattice) (or f32, f16, q8_0, q4_0); repeatable. "
+                                                        "Default: Table 3's four.")] = None,
     container: Annotated[Optional[str], typer.Option(help="gguf (what our exporter writes) or compact "
                                                      "(compressed-tensors / gemma.cpp). Default: both.")] = None,
     embedding: Annotated[str, typer.Option(help="auto (gguf Q8_0, compact bf16), quantized (trained on the "
@@ -351,7 +353,10 @@ def memory(
     training: Annotated[bool, typer.Option("--training", help="QAT training memory per GPU.")] = False,
     seq_len: Annotated[int, typer.Option(help="--training: tokens per sequence.")] = 2048,
     gpus: Annotated[int, typer.Option(help="--training: GPUs (FSDP shards weights, gradients, AdamW).")] = 1,
-    device: Annotated[str, typer.Option(help="--training: cuda (bf16) or cpu (fp32).")] = "cuda",
+    device: Annotated[str, typer.Option(help="--training: cuda or cpu.")] = "cuda",
+    mixed_precision: Annotated[str, typer.Option(help="--training: auto (what train does on this host: bf16 on "
+                                                 "CUDA and on CPUs with native bf16 matmuls, for models at least "
+                                                 "256 wide), bf16 or no.")] = "auto",
     kd: Annotated[str, typer.Option("--kd", help="--training: full, sampled or topk.")] = "full",
     measure: Annotated[Optional[Path], typer.Option(help="Compare a .gguf file with the prediction, tensor by "
                                                     "tensor.")] = None,
@@ -380,7 +385,7 @@ def memory(
     query = mem.MemoryQuery(
         model=model, formats=tuple(format or ()), container=container, embedding=embedding, vision=vision,
         context=context, kv_dtype=kv_dtype, batch=batch, table3=table3, training=training, seq_len=seq_len, gpus=gpus,
-        device=device, kd=kd, measure=measure, check=check, update_baseline=update_baseline, tolerance=tolerance,
+        device=device, mixed_precision=mixed_precision, kd=kd, measure=measure, check=check, update_baseline=update_baseline, tolerance=tolerance,
         per_tensor=style != "text")
     report = query.report()
     text = report.render(style)

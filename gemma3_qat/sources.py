@@ -18,7 +18,8 @@ from pathlib import Path
 
 from gemma3_qat.checkpoint import TOKENIZER_FILES, atomic_directory
 from gemma3_qat.errors import InputError, MissingFileError
-from gemma3_qat.models import NotGemma3Error, is_multimodal_gemma3
+from gemma3_qat.models import (Architecture, NotGemma3Error, architecture_from_config, is_multimodal_gemma3,
+                               read_architecture)
 
 GGUF_SOURCE = "gguf-source.json"  # in a checkpoint made from a GGUF file: where it came from
 CACHE_ENV = "GEMMA3_QAT_CACHE"  # default: ~/.cache/gemma3-qat
@@ -50,6 +51,21 @@ def resolve_model(name_or_path: str | None, *, log: Callable[[str], None] | None
         return name_or_path  # a hub id
     raise MissingFileError(f"model {name_or_path} does not exist (neither a local directory, a .gguf file nor a "
                            "hub id)")
+
+
+def source_architecture(name_or_path: str | None) -> Architecture:
+    """The architecture of what ``--model`` names (``resolve_model``), from its config alone: a local directory's
+    ``config.json``, a hub id's (downloaded as transformers would), a ``.gguf``'s cached conversion."""
+    source = resolve_model(name_or_path)
+    if Path(source).is_dir():
+        return read_architecture(source)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as e:
+        raise hub_error(source, e) from None
+    return architecture_from_config(config, source, source)
 
 
 def hub_error(source: str, exc: Exception) -> MissingFileError:

@@ -52,14 +52,15 @@ def sample_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def qat_run(tmp_path_factory, sample_data):
-    """Factory ``qat_run(model_dir, fmt, quantize_embeddings=False, *, steps=2) -> Path``: the run directory the
+    """Factory ``qat_run(model_dir, fmt, quantize_embeddings=False, *, steps=2, mixed_precision="no") -> Path``:
+    the run directory the
     real trainer (``gemma3_qat.qat.train.train``) writes for ``model_dir`` on the sample text, once per argument
     set in the session. The export tests export these, never a checkpoint a test wrote its own way. Shared: copy
     the directory before changing anything in it."""
     runs = {}
 
-    def make(model_dir, fmt, quantize_embeddings=False, *, steps=2):
-        key = (str(model_dir), fmt, bool(quantize_embeddings), steps)
+    def make(model_dir, fmt, quantize_embeddings=False, *, steps=2, mixed_precision="no"):
+        key = (str(model_dir), fmt, bool(quantize_embeddings), steps, mixed_precision)
         if key not in runs:
             from gemma3_qat.qat.train import TrainConfig, train
 
@@ -67,7 +68,7 @@ def qat_run(tmp_path_factory, sample_data):
             config = TrainConfig(model=str(model_dir), format=fmt, quantize_embeddings=quantize_embeddings,
                                  data=[str(sample_data / "text.jsonl")], seq_len=64, batch_size=2, micro_batch_size=2,
                                  steps=steps, lr=1e-3, warmup_steps=1, eval_every=100, eval_rows=2, save_every=100,
-                                 output=str(out))
+                                 mixed_precision=mixed_precision, output=str(out))
             runs[key] = train(config, log=lambda *_: None)
         return runs[key]
 

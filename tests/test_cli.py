@@ -26,7 +26,10 @@ def test_formats_lists_bits_and_runtimes():
     result = runner.invoke(app, ["formats", "--json"])
     assert result.exit_code == 0
     rows = {r["format"]: r for r in json.loads(result.output)}
-    assert set(rows) == {"int4-block", "int4-channel", "sfp8"}
+    assert set(rows) == {"int4-block", "int4-channel", "sfp8", "q4_k", "q6_k", "q5_0", "q8_0-lattice", "q4_k_m"}
+    q4km = rows["q4_k_m"]
+    assert q4km["mixture"] and q4km["bits_per_weight_max"] == 8.5 and "Q4_K_M" in q4km["gguf"]
+    assert rows["q6_k"]["bits_per_weight"] == 6.5625 and not rows["q6_k"]["mixture"]
     assert rows["int4-block"]["bits_per_weight"] == 4.5 and "llama.cpp" in rows["int4-block"]["runs_on"]
     assert rows["sfp8"]["bits_per_weight"] == 8.0 and "gemma.cpp" in rows["sfp8"]["runs_on"]
     assert "vLLM" in rows["int4-channel"]["runs_on"]

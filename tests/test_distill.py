@@ -267,12 +267,18 @@ def test_no_full_logits_are_materialised(monkeypatch):
     assert student.lm_head.__class__.__name__ != "_HeadTap"  # the head is back
 
 
-def test_chunked_kd_loss_under_bf16_autocast():
-    """The mixed-precision path (CUDA's bf16 autocast, here on the CPU): the head matmul in bf16 as autocast would
-    run it, the head's gradient accumulated in fp32."""
+@pytest.mark.parametrize("buffer", ["one flush", "several flushes"])
+@pytest.mark.parametrize("quantized", [False, True], ids=["body", "body+embedding"])
+def test_chunked_kd_loss_under_bf16_autocast(monkeypatch, buffer, quantized):
+    """The mixed-precision path (bf16 autocast, on CUDA and on CPUs with native bf16): the head matmul in bf16 as
+    autocast would run it, the head's gradient accumulated in fp32 from buffered logit gradients (flushed once, or
+    several times); fake-quantized weights reach the matmuls as the quantizer's cached bf16 values."""
+    from gemma3_qat.qat import head as head_module
     from gemma3_qat.qat.distill import kd_loss, shift_for_next_token
 
-    student, teacher = _tiny_pair()
+    if buffer == "several flushes":
+        monkeypatch.setattr(head_module, "GRAD_BUFFER_ELEMENTS", 20 * 500)  # 20 rows at vocab 500: 4 flushes
+    student, teacher = _tiny_pair(quantize_embeddings=quantized)
     ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(4))
     kd = KDConfig("full")
     with torch.autocast("cpu", dtype=torch.bfloat16):

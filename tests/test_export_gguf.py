@@ -19,10 +19,10 @@ from gemma3_qat.models import NotGemma3Error, quantizable_linears
 from gemma3_qat.qat.prepare import prepare
 
 
-def make_qat_checkpoint(qat_run, src, out, fmt, quantize_embeddings, multimodal=False):
+def make_qat_checkpoint(qat_run, src, out, fmt, quantize_embeddings, multimodal=False, mixed_precision="no"):
     """A copy at ``out`` of the run directory the trainer wrote for ``src`` (the ``qat_run`` fixture), and its
     fake-quant student as export reads it: the latent weights loaded and prepared by the run's qat.json."""
-    shutil.copytree(qat_run(src, fmt, quantize_embeddings), out)
+    shutil.copytree(qat_run(src, fmt, quantize_embeddings, mixed_precision=mixed_precision), out)
     cls = Gemma3ForConditionalGeneration if multimodal else AutoModelForCausalLM
     model = cls.from_pretrained(out, dtype=torch.float32)
     meta = QATMetadata.read(out / "qat.json")
@@ -52,8 +52,12 @@ def field(reader, key):
 
 @pytest.mark.parametrize("fmt", ["int4-block", "int4-channel"])
 @pytest.mark.parametrize("quantize_embeddings", [False, True], ids=["body", "body+embedding"])
-def test_read_back_equals_fake_quant_weights_bit_for_bit(qat_run, tiny_text_dir, tmp_path, fmt, quantize_embeddings):
-    model = make_qat_checkpoint(qat_run, tiny_text_dir, tmp_path / "ckpt", fmt, quantize_embeddings)
+@pytest.mark.parametrize("precision", ["no", "bf16"], ids=["fp32", "bf16"])
+def test_read_back_equals_fake_quant_weights_bit_for_bit(qat_run, tiny_text_dir, tmp_path, fmt, quantize_embeddings,
+                                                         precision):
+    """Trained in fp32 or under bf16 autocast, the export holds the codes of the run's fp32 latent weights."""
+    model = make_qat_checkpoint(qat_run, tiny_text_dir, tmp_path / "ckpt", fmt, quantize_embeddings,
+                                mixed_precision=precision)
     export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", log=None)
     reader, ts = tensors(tmp_path / "m.gguf")
     f = get_format(fmt)

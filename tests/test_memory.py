@@ -302,7 +302,7 @@ def test_training_components():
     fsdp = mem.training_memory("27b", seq_len=2048, gpus=8, teacher="cache", gradient_checkpointing=True)
     assert fsdp.components["teacher weights"] == 0
     assert fsdp.components["student weights (fp32)"] == 4 * c.total // 8
-    assert fsdp.components["fake-quant cache (fp32)"] == 0  # off under FSDP, as train.py
+    assert fsdp.components["fake-quant cache"] == 0  # off under FSDP, as train.py
     assert fsdp.components["activations"] < single.components["activations"] / 10
     assert fsdp.peak < single.peak
     # the 27B recipe's comment: weights + gradients + AdamW ~ 54 GB per GPU on 8 GPUs
@@ -530,18 +530,17 @@ def test_one_gemma3_check():
 
 def test_training_auto_rules_are_the_trainers(monkeypatch):
     """The memory model asks the trainer its "auto" choices instead of restating them."""
-    import torch
+    from gemma3_qat.qat import config, precision
 
-    from gemma3_qat.qat import distill, train
-
-    assert train.fake_quant_cache_on("auto", is_fsdp=True) is False and train.fake_quant_cache_on("on", True)
-    assert train.mixed_precision_for("auto", cuda=True) == "bf16" and train.mixed_precision_for("no", True) == "no"
+    assert config.fake_quant_cache_on("auto", is_fsdp=True) is False and config.fake_quant_cache_on("on", True)
+    assert precision.mixed_precision_for("auto", cuda=True) == "bf16" and precision.mixed_precision_for("no", True) == "no"
     assert mem.TrainingOptions(gpus=8).cache_on is False and mem.TrainingOptions().cache_on is True
-    assert distill.teacher_dtype(True) == torch.bfloat16 and mem.TrainingOptions(device="cpu").teacher_bytes == 4
+    assert mem.TrainingOptions(device="cpu", mixed_precision="no").teacher_bytes == 4
+    assert mem.TrainingOptions(device="cpu", mixed_precision="bf16").teacher_bytes == 2
     monkeypatch.setattr("gemma3_qat.qat.config.fake_quant_cache_on", lambda setting, is_fsdp: False)
-    monkeypatch.setattr("gemma3_qat.qat.config.mixed_precision_for", lambda setting, cuda: "no")
-    monkeypatch.setattr("gemma3_qat.qat.distill.teacher_dtype", lambda cuda: torch.float32)
-    opts = mem.TrainingOptions(device="cuda")
+    monkeypatch.setattr("gemma3_qat.qat.precision.cpu_bf16_support", lambda: None)  # a CPU without native bf16
+    assert mem.TrainingOptions(device="cpu").resolved(640).mixed_precision == "no"
+    opts = mem.TrainingOptions(device="cuda", mixed_precision="no")
     assert (opts.cache_on, opts.compute_bytes, opts.teacher_bytes) == (False, 4, 4)
 
 

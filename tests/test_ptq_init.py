@@ -70,7 +70,7 @@ def test_imatrix_init_starts_qat_below_round_to_nearest(tmp_path):
     kl = {}
     for init in ("rtn", "imatrix"):
         config = TrainConfig(format="int4-block", seq_len=128, batch_size=2, micro_batch_size=2, steps=0, eval_rows=16,
-                             ptq_init=init, output=str(tmp_path / init))
+                             ptq_init=init, mixed_precision="no", output=str(tmp_path / init))
         run = train(config, log=lambda *_: None)
         rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
         kl[init] = next(r["val_kl"] for r in rows if "val_kl" in r)

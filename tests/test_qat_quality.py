@@ -15,8 +15,9 @@ CASES = [(f, kd) for f in ("int4-block", "int4-channel") for kd in ("full", "sam
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt,kd", CASES, ids=[f"{f}-{k}" for f, k in CASES])
 def test_fifty_steps_reduce_kl_to_the_teacher(tmp_path, fmt, kd):
+    # fp32 pinned: these are the numbers docs/results.md quotes, and `auto` is bf16 on CPUs that have it
     config = TrainConfig.from_recipe(RECIPE, format=fmt, kd=kd, kd_k=64, steps=50, eval_every=50, eval_rows=16,
-                                     save_every=1000, output=str(tmp_path / "run"))
+                                     save_every=1000, mixed_precision="no", output=str(tmp_path / "run"))
     out = train(config, log=lambda *_: None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     before, after = rows[0]["val_kl"], rows[-1]["val_kl"]

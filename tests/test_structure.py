@@ -18,6 +18,7 @@ LAYERS = [
     ("formats", "vocab"),  # numerics of each format; vocabularies
     ("models",),  # architecture facts: the one reader of a checkpoint's config
     ("layout",),  # where each tensor goes and its type (names, roles, GGUF type policy); no I/O
+    ("mixtures",),  # which lattice each tensor of a mixture (q4_k_m) takes: llama-quantize's policy; no I/O
     ("checkpoint", "gguf_file"),  # model files: checkpoints (read, write, run directories), GGUF files (read)
     ("sources", "lattice"),  # where a model comes from (dir, hub id, .gguf); lattice recovery numerics
     ("qat", "exporters", "recover"),  # training; export; import of QAT checkpoints

@@ -3,18 +3,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gemma3_qat.memory.base import MemoryInputError, _positive
 from gemma3_qat.memory.kv import context_warnings
-from gemma3_qat.memory.spec import ModelSpec, model_spec, param_counts, text_tensors
+from gemma3_qat.memory.spec import ModelSpec, model_spec, param_counts
 
 
 @dataclass(frozen=True)
 class TrainingOptions:
     """One QAT-by-distillation setup, as ``gemma3_qat.qat.train`` runs it. Validated on creation.
 
-    ``device``: ``cuda`` (bf16 teacher, bf16 autocast, foreach AdamW) or ``cpu`` (fp32 teacher, fp32 compute).
+    ``device``: ``cuda`` (foreach AdamW) or ``cpu`` (fused AdamW; the trainer's allocator set-up, ``qat.cpu_memory``).
+    ``mixed_precision``: ``auto`` (the trainer's rule: bf16 on CUDA and on CPUs with native bf16 matmuls for models
+    wide enough, else fp32; it depends on the host, ``training_memory`` resolves it for the model), ``bf16`` or
+    ``no``. Under bf16 the live teacher is held in bf16 and the fake-quant cache holds bf16 values.
     ``teacher``: ``live`` (a frozen teacher in memory; train.py keeps it out of FSDP, so every GPU holds all of
     it) or ``cache`` (``--teacher-cache``: sparse targets read from disk, no teacher).
     ``attention``: ``sdpa`` (fused kernels: no score matrix kept) or ``eager`` (``[heads, T, T]`` fp32 softmax
@@ -32,13 +35,15 @@ class TrainingOptions:
     quantize_embeddings: bool = False
     attention: str = "sdpa"
     fake_quant_cache: bool | None = None  # None = the trainer's auto (``fake_quant_cache_on``; FSDP = gpus > 1)
+    mixed_precision: str = "auto"
 
     def __post_init__(self):
         for name in ("seq_len", "micro_batch", "gpus", "kd_k"):
             _positive(name.replace("_", "-"), getattr(self, name))
         for name, value, valid in (("device", self.device, ("cuda", "cpu")), ("teacher", self.teacher,
                                    ("live", "cache")), ("kd", self.kd, ("full", "sampled", "topk")),
-                                   ("attention", self.attention, ("sdpa", "eager"))):
+                                   ("attention", self.attention, ("sdpa", "eager")),
+                                   ("mixed_precision", self.mixed_precision, ("auto", "bf16", "no"))):
             if value not in valid:
                 raise MemoryInputError(f"unknown {name} {value!r}; choose one of: {', '.join(valid)}")
         if self.teacher == "cache" and self.kd == "full":
@@ -48,14 +53,20 @@ class TrainingOptions:
     def tokens(self) -> int:
         return self.seq_len * self.micro_batch
 
+    def resolved(self, hidden: int | None = None) -> "TrainingOptions":
+        """These options with ``mixed_precision`` resolved as the trainer resolves it for a model of width
+        ``hidden`` on this host (the trainer's rule, asked rather than restated; imported here so that the other
+        memory views do not load the trainer at all)."""
+        from gemma3_qat.qat.precision import choose_precision
+
+        mode = choose_precision(self.mixed_precision, cuda=self.device == "cuda", hidden=hidden).mode
+        return replace(self, mixed_precision=mode)
+
     @property
     def autocast(self) -> bool:
-        """The trainer's ``--mixed-precision auto`` on this device: bf16 autocast (CUDA) or fp32 compute."""
-        # the trainer's rules, asked rather than restated; imported here so that the other memory views do not
-        # load the trainer (torch, accelerate, datasets) at all
-        from gemma3_qat.qat.config import mixed_precision_for
-
-        return mixed_precision_for("auto", self.device == "cuda") == "bf16"
+        """bf16 autocast (``mixed_precision`` resolved; ``auto`` for a model wide enough) or fp32 compute."""
+        return self.resolved().mixed_precision == "bf16" if self.mixed_precision == "auto" else \
+            self.mixed_precision == "bf16"
 
     @property
     def compute_bytes(self) -> int:
@@ -63,10 +74,8 @@ class TrainingOptions:
 
     @property
     def teacher_bytes(self) -> int:
-        """Bytes per parameter of the live teacher, in the dtype the trainer loads it in."""
-        from gemma3_qat.qat.distill import teacher_dtype
-
-        return teacher_dtype(self.device == "cuda").itemsize
+        """Bytes per parameter of the live teacher: it is held in the compute dtype (``distill.load_teacher``)."""
+        return self.compute_bytes
 
     @property
     def cache_on(self) -> bool:
@@ -94,12 +103,8 @@ CHUNK_COPIES = {"full": 7, "sampled": 5, "topk": 5}
 # teacher's probabilities, their difference and product; from a cache, only the student's side.
 VALIDATION_CHUNK_COPIES = {"live": 7, "cache": 3}
 EAGER_SCORE_COPIES = 2  # eager attention keeps the fp32 softmax and its (dropout) output for the value matmul
-# AdamW as the trainer builds it takes torch's default implementation for the device: on CUDA the foreach path,
-# whose temporaries are one fp32 copy of the (sharded) parameters; on the CPU the single-tensor path, one parameter
-# at a time, whose ``exp_avg_sq.sqrt()`` and its division by the bias correction are two fp32 copies of the
-# largest parameter (the embedding) alive at once (read off the resident set around optimizer.step() at the 270M
-# shape: +1,280 MB = 2 x 640 MB; benchmarks/train_step.py --shape 270m checks the resulting peaks).
-CPU_ADAMW_TEMP_COPIES = 2
+# AdamW as the trainer builds it: on CUDA torch's foreach path, whose temporaries are one fp32 copy of the (sharded)
+# parameters; on the CPU the fused kernel (one pass over each parameter, no temporaries).
 
 
 @dataclass
@@ -191,7 +196,7 @@ def training_memory(model: str | ModelSpec, opts: TrainingOptions | None = None,
     activations' pages, which the C allocator keeps resident (the peak is the resident set's high-water mark).
     """
     spec = model_spec(model)
-    opts = opts or TrainingOptions(**kwargs)
+    opts = (opts or TrainingOptions(**kwargs)).resolved(spec.hidden)
     c = param_counts(spec)
     n = opts.gpus
     trainable = c.text
@@ -202,39 +207,47 @@ def training_memory(model: str | ModelSpec, opts: TrainingOptions | None = None,
     comp["student weights (fp32)"] = c.total * 4 // n
     gathered = (c.embedding + spec.hidden + 2 * per_layer_params) * opts.compute_bytes
     comp["fsdp gathered units"] = gathered if n > 1 else 0
-    comp["fake-quant cache (fp32)"] = quantized * 4 if opts.cache_on else 0
+    # the cache holds the values in the dtype the matmuls ask for (bf16 under autocast); an embedding's lookup
+    # quantizes the rows it reads, so only the head's copy of the table is cached
+    comp["fake-quant cache"] = quantized * opts.compute_bytes if opts.cache_on else 0
     layer_share = 1 / spec.layers if opts.gradient_checkpointing else 1.0
-    if opts.autocast:
-        copies = (c.matmul * layer_share + c.embedding) * 2  # autocast's bf16 weight copies (head included)
-    else:
-        copies = 0 if opts.cache_on else quantized * 4 * layer_share
-    comp["weight copies kept for backward"] = int(copies)
+    uncached = 0 if opts.cache_on else quantized * opts.compute_bytes * layer_share  # values kept for backward
+    # an embedding not trained quantized: the head's bf16 cast of it (once per micro-step) under autocast
+    head_cast = c.embedding * 2 if opts.autocast and not opts.quantize_embeddings else 0
+    # without a cache, autocast also casts each fp32 matmul weight for its forward and keeps the copy for backward
+    autocast_copies = c.matmul * layer_share * 2 if opts.autocast and not opts.cache_on else 0
+    comp["weight copies kept for backward"] = int(uncached + head_cast + autocast_copies)
     comp["gradients (fp32)"] = trainable * 4 // n
     comp["adamw states (2 x fp32)"] = trainable * 8 // n
     comp["activations"] = activation_bytes(spec, opts)
     comp["logits and loss (chunked)"] = logit_bytes(spec, opts)
     comp["validation (chunked)"] = validation_bytes(spec, opts)
-    if opts.device == "cuda":
-        comp["optimizer step temporaries"] = trainable * 4 // n
-    else:
-        largest = max(t.numel for t in text_tensors(spec))
-        comp["optimizer step temporaries"] = CPU_ADAMW_TEMP_COPIES * largest * 4
+    # CUDA: torch's default foreach AdamW, one fp32 copy of the shard; CPU: the fused AdamW, no temporaries
+    comp["optimizer step temporaries"] = trainable * 4 // n if opts.device == "cuda" else 0
     # CPU: glibc keeps the pages of freed blocks below its mmap threshold resident, and the activations are such
     # blocks (tensors of a few MB per layer): after the backward pass they stay in the RSS until the next forward
     # reuses them, so the later phases carry them (at the 270M shape, rss after zero_grad is persistent + ~1 GB)
     retained = comp["activations"] if opts.device == "cpu" else 0
     if retained:
         comp["freed activations kept resident (cpu)"] = retained
+    # CPU: the trainer keeps freed memory in glibc's heap (qat.cpu_memory), so the heap keeps the extent the step's
+    # first forward gave it while the fake quantization ran: its fp32 working copy of the quantized weights, and
+    # under bf16 the fp32 values before their cast (fitted to benchmarks/train_step.py --shape 270m: within 7% of
+    # the four measured peaks, fp32 and bf16, live teacher and cache)
+    heap = quantized * 4 * (2 if opts.autocast else 1) if opts.device == "cpu" and opts.cache_on else 0
+    if heap:
+        comp["fake-quant transients kept in the heap (cpu)"] = heap
+    retained_all = retained + heap
     persistent = sum(comp[k] for k in ("teacher weights", "student weights (fp32)", "fsdp gathered units",
-                                       "fake-quant cache (fp32)", "adamw states (2 x fp32)"))
+                                       "fake-quant cache", "adamw states (2 x fp32)"))
     head_grad = c.embedding * 4 // (n if n > 1 else 1)  # fp32, accumulated by the fused head (qat.head)
     phases = {
         "forward/backward": persistent + comp["weight copies kept for backward"] + comp["activations"]
-        + comp["logits and loss (chunked)"] + c.embedding * 4,
+        + comp["logits and loss (chunked)"] + c.embedding * 4 + heap,
         # the embedding lookup's dense gradient, before it is added to the head's
-        "end of backward": persistent + comp["gradients (fp32)"] + head_grad + retained,
-        "optimizer step": persistent + comp["gradients (fp32)"] + comp["optimizer step temporaries"] + retained,
-        "validation": persistent + comp["validation (chunked)"] + retained,
+        "end of backward": persistent + comp["gradients (fp32)"] + head_grad + retained_all,
+        "optimizer step": persistent + comp["gradients (fp32)"] + comp["optimizer step temporaries"] + retained_all,
+        "validation": persistent + comp["validation (chunked)"] + retained_all,
     }
     notes = [f"tokens per GPU and micro-step: {opts.tokens:,} ({opts.micro_batch} x {opts.seq_len:,})"]
     if opts.seq_len > spec.context:

@@ -134,7 +134,8 @@ def training_report(model: str | ModelSpec, base: TrainingOptions) -> Report:
     rows += [[f"phase: {p}"] + [_scaled(r.phases[p], size) for r in results.values()] for p in first.phases]
     rows.append(["PEAK (estimate)"] + [_scaled(r.peak, size) for r in results.values()])
     rows.append(["sum of all (upper bound)"] + [_scaled(r.upper_bound, size) for r in results.values()])
-    title = (f"QAT training memory per GPU, {first.model}: {base.gpus} GPU(s), {base.device}, micro-batch "
+    precision = {"bf16": "bf16 autocast", "no": "fp32"}[first.options.mixed_precision]
+    title = (f"QAT training memory per GPU, {first.model}: {base.gpus} GPU(s), {base.device} ({precision}), micro-batch "
              f"{base.micro_batch} x {base.seq_len:,} tokens, KD {base.kd} ({_unit_label(unit, size)})")
     notes = first.notes + [
         "activations per token and layer: 8 hidden fp32 (norms) + 4 ffn + 7 q + 2 kv in the compute dtype; "
@@ -284,6 +285,7 @@ class MemoryQuery:
     seq_len: int = 2048
     gpus: int = 1
     device: str = "cuda"
+    mixed_precision: str = "auto"
     kd: str = "full"
     measure: str | Path | None = None
     check: str | Path | None = None
@@ -308,7 +310,8 @@ class MemoryQuery:
             return table3_report(self.embedding)
         if self.training:
             return training_report(self.model or "27b", TrainingOptions(
-                seq_len=self.seq_len, micro_batch=self.batch, gpus=self.gpus, device=self.device, kd=self.kd,
+                seq_len=self.seq_len, micro_batch=self.batch, gpus=self.gpus, device=self.device,
+                mixed_precision=self.mixed_precision, kd=self.kd,
                 quantize_embeddings=self.embedding == "quantized"))
         if self.measure:
             fmt = self.formats[0] if self.formats else None  # the file's format, when it does not record it

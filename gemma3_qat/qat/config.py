@@ -14,10 +14,10 @@ from pathlib import Path
 from gemma3_qat.errors import InputError
 from gemma3_qat.formats import get_format
 from gemma3_qat.qat.distill import KDConfig
+from gemma3_qat.qat.precision import MIXED_PRECISION
 from gemma3_qat.qat.recipes import load_recipe
 
 PTQ_INITS = ("rtn", "imatrix")
-MIXED_PRECISION = ("auto", "no", "bf16")
 
 
 def knob(default=None, help: str = "", *, flag: tuple[str, ...] = (), factory=None):
@@ -160,11 +160,6 @@ def knobs(names: tuple[str, ...] | None = None) -> list[Knob]:
         flags = f.metadata.get("flag") or ((f"{dashed}/--no-{dashed[2:]}",) if kind is bool else (dashed,))
         out.append(Knob(name, kind, f.metadata.get("help", ""), tuple(flags)))
     return out
-
-
-def mixed_precision_for(setting: str, cuda: bool) -> str:
-    """``--mixed-precision auto``: bf16 autocast on CUDA, none on the CPU (the memory model asks this too)."""
-    return ("bf16" if cuda else "no") if setting == "auto" else setting
 
 
 def fake_quant_cache_on(setting: str, is_fsdp: bool) -> bool:

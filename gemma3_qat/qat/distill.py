@@ -347,34 +347,38 @@ def validation_sums(student, input_ids: torch.Tensor, labels: torch.Tensor, conf
         sums = torch.zeros(5, device=h.device)
         step = rows or chunk_rows(head.vocab)
         for s in range(0, h.shape[0], step):
-            e = min(s + step, h.shape[0])
-            logits = head.logits(h[s:e])
-            teacher_logits, sparse = side.teacher(s, e, config)
-            top1 = side.teacher_top1[s:e] if side.teacher_top1 is not None else None
-            m = token_metrics(logits, side.labels[s:e], teacher_logits=teacher_logits, teacher_top1=top1)
-            kd = kd_loss_per_token(logits, config, teacher_logits=teacher_logits if config.mode == "full" else None,
-                                   target=sparse)
-            kl = m["kl"].sum() if "kl" in m else torch.zeros((), device=h.device)
-            sums += torch.stack([kl, kd.sum(), m["top1"].sum(), m["nll"].sum(),
-                                 torch.tensor(float(e - s), device=h.device)])
+            sums += _validation_chunk(side, head, h, s, min(s + step, h.shape[0]), config)
         return None, sums
 
     return forward_with_head(student, consume, input_ids=input_ids)[1]
 
 
-def teacher_dtype(cuda: bool) -> torch.dtype:
-    """The live teacher's dtype: bf16 on CUDA, fp32 on the CPU (``load_teacher``; the memory model asks this too)."""
-    return torch.bfloat16 if cuda else torch.float32
+@torch.no_grad()
+def _validation_chunk(side: _Rows, head, h: torch.Tensor, s: int, e: int, config: KDConfig) -> torch.Tensor:
+    """``validation_sums`` of rows s:e: [KL, KD loss, top-1, NLL, count]."""
+    logits = head.logits(h[s:e])
+    teacher_logits, sparse = side.teacher(s, e, config)
+    top1 = side.teacher_top1[s:e] if side.teacher_top1 is not None else None
+    m = token_metrics(logits, side.labels[s:e], teacher_logits=teacher_logits, teacher_top1=top1)
+    kd = kd_loss_per_token(logits, config, teacher_logits=teacher_logits if config.mode == "full" else None,
+                           target=sparse)
+    kl = m["kl"].sum() if "kl" in m else torch.zeros((), device=h.device)
+    return torch.stack([kl, kd.sum(), m["top1"].sum(), m["nll"].sum(), torch.tensor(float(e - s), device=h.device)])
 
 
-def load_teacher(source: str, device: torch.device | None = None):
-    """The teacher: the unquantized checkpoint, frozen, in eval mode; bf16 on CUDA (the released checkpoints'
-    dtype), fp32 on the CPU (bf16 matmuls there are slow and gain nothing). ``device`` None: spread over the
-    visible GPUs (``device_map="auto"``, for a teacher cache of a model larger than one GPU) or the CPU."""
-    from gemma3_qat.sources import load_gemma3
+def load_teacher(source: str, device: torch.device | None = None, precision=None):
+    """The teacher: the unquantized checkpoint, frozen, in eval mode, held in the dtype the run computes in
+    (``precision``, a ``config.Precision``: bf16 under bf16 autocast, on CUDA and on CPUs with native bf16
+    matmuls: half the memory and no casts; else fp32). None: ``--mixed-precision auto`` for this device and
+    model. ``device`` None: spread over the visible GPUs (``device_map="auto"``, for a teacher cache of a model
+    larger than one GPU) or the CPU."""
+    from gemma3_qat.qat.precision import choose_precision
+    from gemma3_qat.sources import load_gemma3, source_architecture
 
     cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-    dtype = teacher_dtype(cuda)
+    if precision is None:
+        precision = choose_precision("auto", cuda=cuda, hidden=source_architecture(source).hidden)
+    dtype = precision.teacher_dtype
     if device is None:
         teacher = load_gemma3(source, dtype=dtype, **({"device_map": "auto"} if cuda else {}))
     else:

@@ -14,13 +14,24 @@ from torch import nn
 from gemma3_qat.formats import WeightFormat, get_format, straight_through
 
 
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of ``x`` with ``weight`` computes in: autocast's where it is on, else the weight's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
 class FakeQuantizer(nn.Module):
     """Maps a latent weight to its fake-quantized values (straight-through gradient).
 
     With ``cache=True`` the quantized values are computed once per weight *version*: an optimizer step bumps the
     latent Parameter's version counter, so the values are reused across gradient-accumulation micro-steps,
-    activation-checkpoint recomputes, evaluation and generation, and recomputed after each update. Turn it off
-    when weights are sharded (FSDP) so that no full-size copy outlives the forward pass.
+    activation-checkpoint recomputes, evaluation and generation, and recomputed after each update. The cache holds
+    the values in each dtype asked for since the last update: under bf16 autocast a matmul asks for bf16 (one
+    cast per step instead of one per forward, and half the memory), an embedding lookup for the exact fp32 values.
+    The values are always computed from the fp32 latent weight, so codes and exports do not depend on the dtype.
+    Turn the cache off when weights are sharded (FSDP) so that no full-size copy outlives the forward pass.
+    An optimizer that updates the weights in place without bumping their version counter (torch's fused AdamW)
+    must be followed by ``invalidate()`` (the trainer does it after every step).
     """
 
     def __init__(self, fmt: str | WeightFormat, enabled: bool = True, cache: bool = True, scale_grad: float = 0.0):
@@ -29,23 +40,54 @@ class FakeQuantizer(nn.Module):
         self.enabled = enabled
         self.cache = cache
         self.scale_grad = scale_grad  # > 0: the scales learn too (``WeightFormat.scale_gradient``), times this
-        self._cached: tuple[tuple, torch.Tensor] | None = None
+        self._key_of_cache: tuple | None = None
+        self._cached: dict[torch.dtype, torch.Tensor] = {}
+        self._scale_key: tuple | None = None
+        self._scale: torch.Tensor | None = None
+
+    def invalidate(self) -> None:
+        """Forget the cached values: the next forward quantizes the weight again."""
+        self._key_of_cache, self._cached, self._scale_key, self._scale = None, {}, None, None
 
     def _key(self, weight: torch.Tensor) -> tuple:
-        return (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+        return (weight.data_ptr(), weight._version, weight.device, tuple(weight.shape))
 
-    def quantized_values(self, weight: torch.Tensor) -> torch.Tensor:
-        """The fake-quantized values of ``weight`` in its dtype, without autograd."""
-        if self.cache and self._cached is not None and self._cached[0] == self._key(weight):
-            return self._cached[1]
-        values = self.format.fake_quantize_values(weight.detach()).to(weight.dtype)
-        self._cached = (self._key(weight), values) if self.cache else None
+    def quantized_values(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The fake-quantized values of ``weight`` in ``dtype`` (default: the weight's), without autograd."""
+        dtype = dtype or weight.dtype
+        key = self._key(weight)
+        if self.cache and self._key_of_cache == key and dtype in self._cached:
+            return self._cached[dtype]
+        exact = self._cached.get(weight.dtype) if self._key_of_cache == key else None
+        if exact is None:
+            exact = self.format.fake_quantize_values(weight.detach()).to(weight.dtype)
+        values = exact.to(dtype)
+        if self.cache:
+            if self._key_of_cache != key:
+                self._key_of_cache, self._cached = key, {}
+            self._cached[dtype] = values
         return values
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+    def rows(self, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The fake-quantized values of ``rows`` (``[..., in]``, rows of ``weight`` as an embedding looks them up),
+        equal to those rows of ``quantized_values(weight)``, with the gradient going to ``rows``: no full-table
+        copy of the exact values is needed for a lookup. The per-tensor scale, where the format has one, comes
+        from the whole weight (cached per version)."""
+        if not self.enabled:
+            return rows
+        key = self._key(weight)
+        if self._scale_key != key:
+            self._scale_key, self._scale = key, self.format.tensor_scale_of(weight)
+        flat = rows.reshape(-1, rows.shape[-1])
+        values = self.format.rows_values(flat.detach().to(torch.float32), self._scale).to(rows.dtype)
+        return straight_through(flat, values, fmt=self.format, scale_grad=self.scale_grad).reshape(rows.shape)
+
+    def forward(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The fake-quantized weight in ``dtype`` (default: the weight's), its gradient going to ``weight``."""
         if not self.enabled:
             return weight
-        return straight_through(weight, self.quantized_values(weight), fmt=self.format, scale_grad=self.scale_grad)
+        return straight_through(weight, self.quantized_values(weight, dtype), fmt=self.format,
+                                scale_grad=self.scale_grad)
 
     def extra_repr(self) -> str:
         return f"format={self.format.name}, enabled={self.enabled}, cache={self.cache}, scale_grad={self.scale_grad}"
@@ -62,7 +104,7 @@ class FakeQuantLinear(nn.Linear):
         self.weight_fake_quant = quantizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_fake_quant(self.weight), self.bias)
+        return F.linear(x, self.weight_fake_quant(self.weight, compute_dtype(x, self.weight)), self.bias)
 
     def to_linear(self) -> nn.Linear:
         linear = nn.Linear.__new__(nn.Linear)
@@ -98,9 +140,11 @@ class FakeQuantEmbedding(nn.Embedding):
         self.weight_fake_quant = quantizer
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        table = self.weight_fake_quant(self.weight)
-        out = F.embedding(input_ids, table, self.padding_idx, self.max_norm, self.norm_type,
-                          self.scale_grad_by_freq, self.sparse)
+        # the latent rows looked up, then their fake-quantized values: the same values as a lookup in the
+        # fake-quantized table, without the table's exact copy (under bf16 autocast the head needs only a bf16 one)
+        rows = F.embedding(input_ids, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+        out = self.weight_fake_quant.rows(self.weight, rows)
         if self.embed_scale is not None:
             out = out * self.embed_scale.to(out.dtype)
         return out

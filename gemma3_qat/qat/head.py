@@ -46,9 +46,11 @@ class OutputHead:
     weight: torch.Tensor  # [vocab, hidden], the tensor the gradient goes to (fake-quantized values, if any)
     softcap: float | None
     dtype: torch.dtype  # the matmul's: autocast's where it is on, else the weight's
+    cast: torch.Tensor | None = None  # the weight in ``dtype`` (a fake quantizer's cached copy); None: cast here
 
     def __post_init__(self):
-        self.cast = self.weight if self.weight.dtype == self.dtype else self.weight.to(self.dtype)  # once per call
+        if self.cast is None:  # once per call
+            self.cast = self.weight if self.weight.dtype == self.dtype else self.weight.to(self.dtype)
 
     @property
     def vocab(self) -> int:
@@ -77,15 +79,20 @@ def _inner(model: nn.Module) -> nn.Module:
     return model
 
 
-def head_weight(module: nn.Module) -> torch.Tensor:
-    """The head weight as the module's forward uses it: through its fake quantizer when it has one."""
+def head_weight(module: nn.Module, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the head weight as the module's forward uses it: through its fake quantizer when it has one; its copy in
+    the matmul ``dtype`` when the quantizer holds one, else None)."""
     if getattr(module, "bias", None) is not None:
         raise InputError("the lm_head has a bias; Gemma 3's has none, and the fused head does not add one")
     if module.weight.device.type == "meta":
         raise InputError("the lm_head's weight is offloaded (device_map put it on disk or in CPU RAM behind a hook); "
                          "load the model on devices that hold it")
     quantizer = getattr(module, "weight_fake_quant", None)
-    return quantizer(module.weight) if quantizer is not None else module.weight
+    if quantizer is None or not quantizer.enabled:
+        return module.weight, None
+    weight = quantizer(module.weight)
+    cast = None if dtype in (None, weight.dtype) else quantizer.quantized_values(module.weight, dtype)
+    return weight, cast
 
 
 def _matmul_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -102,8 +109,9 @@ class _HeadTap(nn.Module):
         self.consume, self.softcap, self.extras, self.returned = consume, softcap, None, False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = head_weight(self._head)
-        result, self.extras = self.consume(hidden, OutputHead(weight, self.softcap, _matmul_dtype(weight)))
+        dtype = _matmul_dtype(self._head.weight)
+        weight, cast = head_weight(self._head, dtype)
+        result, self.extras = self.consume(hidden, OutputHead(weight, self.softcap, dtype, cast))
         self.returned = result is not None
         return hidden.new_zeros(*hidden.shape[:-1], 0) if result is None else result
 
@@ -127,8 +135,17 @@ def forward_with_head(model: nn.Module, consume: Callable, **inputs):
     return (out.logits if tap.returned else None), tap.extras
 
 
+GRAD_BUFFER_ELEMENTS = 1 << 27  # logit gradients kept for one weight-gradient matmul (256 MiB in bf16)
+WIDEN_ROWS = 8192  # rows of the weight gradient widened to fp32 at a time
+
+
 class _FusedHeadLoss(torch.autograd.Function):
-    """sum over chunks of ``chunk_loss(logits of rows s:e, s, e)``; gradients computed in the forward pass."""
+    """sum over chunks of ``chunk_loss(logits of rows s:e, s, e)``; gradients computed in the forward pass.
+
+    The weight gradient ``g^T h`` accumulates in fp32. In fp32 each chunk adds into it in place (``addmm_``); in a
+    lower compute dtype (bf16 autocast) the chunks' logit gradients are buffered (``GRAD_BUFFER_ELEMENTS``) and go
+    into one matmul per buffer, whose result is added once: a short-K bf16 matmul per chunk, and an fp32 pass over
+    the ``[vocab, hidden]`` gradient per chunk, would cost more than the fp32 matmul they replace."""
 
     @staticmethod
     def forward(ctx, hidden, weight, head: OutputHead, chunk_loss: Callable, rows: int):
@@ -136,8 +153,30 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         need_weight = ctx.needs_input_grad[1]
         # fp32 accumulation whatever the weight's dtype (FSDP's bf16 gathered weight included); cast at the end
-        grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32)) \
-            if need_weight else None
+        accumulate = torch.promote_types(weight.dtype, torch.float32)
+        buffered = need_weight and head.dtype != accumulate
+        grad_weight = None
+        if need_weight:  # buffered: written by the first flush (no zero fill of [vocab, hidden] first)
+            grad_weight = torch.empty_like(weight, dtype=accumulate) if buffered else \
+                torch.zeros_like(weight, dtype=accumulate)
+        if buffered:  # logit gradients of consecutive rows, from row ``first`` on
+            gbuf = torch.empty(min(n, max(rows, GRAD_BUFFER_ELEMENTS // head.vocab)), head.vocab, dtype=head.dtype,
+                               device=hidden.device)
+            first, filled = 0, 0
+
+        def flush():
+            nonlocal first, filled
+            if filled:
+                part = gbuf[:filled].t() @ hidden[first:first + filled].to(head.dtype)
+                # into the fp32 buffer row block by row block: a widening copy of the whole [vocab, hidden] part
+                # would allocate (and fault in) an fp32 temporary of that size
+                for r in range(0, part.shape[0], WIDEN_ROWS):
+                    if first == 0:
+                        grad_weight[r:r + WIDEN_ROWS].copy_(part[r:r + WIDEN_ROWS])
+                    else:
+                        grad_weight[r:r + WIDEN_ROWS].add_(part[r:r + WIDEN_ROWS])
+                first, filled = first + filled, 0
+
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, n, rows):
@@ -150,11 +189,15 @@ class _FusedHeadLoss(torch.autograd.Function):
                 total += loss.detach()
                 del raw, loss
                 grad_hidden[s:e] = (g @ head.cast).to(hidden.dtype)
-                if need_weight:
-                    if g.dtype == grad_weight.dtype:
-                        grad_weight.addmm_(g.t(), h)  # in place: no [vocab, hidden] temporary
-                    else:
-                        grad_weight += g.t() @ h  # one compute-dtype temporary, as autograd's own
+                if buffered:
+                    if filled + (e - s) > gbuf.shape[0]:
+                        flush()
+                    gbuf[filled:filled + e - s] = g
+                    filled += e - s
+                elif need_weight:
+                    grad_weight.addmm_(g.t(), h)  # in place: no [vocab, hidden] temporary
+            if buffered:
+                flush()
         ctx.grad_hidden = grad_hidden
         ctx.grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         return total

@@ -69,16 +69,9 @@ def load_recipe(path: Path) -> dict:
 def released_size(model: str) -> str | None:
     """The released size whose shape ``model`` (a local checkpoint, a ``.gguf`` or a hub id) has, or None. Reads
     only the config (a hub id: its config.json, as the training run would; a ``.gguf``: its cached conversion)."""
-    from transformers import AutoConfig
-
     from gemma3_qat import models, sources
 
-    source = sources.resolve_model(model)
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except OSError as e:
-        raise sources.hub_error(source, e) from None
-    arch = models.architecture_from_config(config, source, source)
+    arch = sources.source_architecture(model)
     key = (arch.layers, arch.hidden, arch.ffn, arch.heads, arch.kv_heads, arch.head_dim)
     for name, shape in models.GEMMA3_SHAPES.items():
         if key == (shape.layers, shape.hidden, shape.ffn, shape.heads, shape.kv_heads, shape.head_dim):

@@ -9,10 +9,10 @@ Features and their flags (every knob is a recipe key and a flag, declared once i
 * KD ``--kd full|sampled|topk``, ``--kd-k``, ``--kd-temperature``, ``--kd-alpha`` (mix in the next-token loss),
   computed in chunks of positions with the LM heads inside the chunk (``distill.kd_loss``, ``head``): no
   ``[tokens x vocab]`` tensor for a whole micro-batch, in training or validation
-* teacher: live (frozen, eval mode; bf16 on CUDA, fp32 on CPU) or ``--teacher-cache DIR`` (no teacher in memory)
+* teacher: live (frozen, eval mode; held in the precision ``--mixed-precision`` resolves to: bf16 on CUDA and on CPUs with native bf16 matmuls) or ``--teacher-cache DIR`` (no teacher in memory)
 * data: ``--data FILE[:WEIGHT]`` (jsonl/json/parquet/txt or hub ids; ``text`` or chat ``messages``), packing,
   ``--assistant-only``
-* AdamW, warmup + cosine, gradient clipping, gradient accumulation, bf16 autocast on CUDA, gradient checkpointing
+* AdamW, warmup + cosine, gradient clipping, gradient accumulation, bf16 autocast (CUDA, and CPUs with native bf16 matmuls), gradient checkpointing
 * accelerate: one process on CPU or GPU, DDP, FSDP (configs in ``recipes/accelerate/``)
 * checkpoints every ``--save-every`` steps and on SIGINT/SIGTERM, atomic, each a valid QAT checkpoint with a
   ``manifest.json`` (size and SHA-256 per file); ``--resume`` continues from the newest checkpoint that verifies,
@@ -48,7 +48,8 @@ from gemma3_qat.checkpoint import (MANIFEST, QAT_JSON, TRAIN_CONFIG, QATMetadata
 from gemma3_qat.errors import CorruptFileError, Gemma3QATError, InputError, MissingFileError, OutputExistsError
 from gemma3_qat.formats import FormatError
 from gemma3_qat.qat.data import MixtureSampler, setup_run_data
-from gemma3_qat.qat.config import TrainConfig, fake_quant_cache_on, mixed_precision_for
+from gemma3_qat.qat.config import TrainConfig, fake_quant_cache_on
+from gemma3_qat.qat.precision import choose_precision
 from gemma3_qat.qat.distill import kd_loss, load_teacher, validation_sums
 from gemma3_qat.qat.recipes import resolve_recipe  # noqa: F401 (re-exported)
 
@@ -109,11 +110,20 @@ class QATRecipe:
         # save_state drops the tied head (lm_head = embed_tokens) and warns each time: expected for Gemma 3
         logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
         c = self.config
-        mixed = mixed_precision_for(c.mixed_precision, torch.cuda.is_available())
-        self.accelerator = acc = Accelerator(mixed_precision=mixed, log_with=c.log_with or None,
+        from gemma3_qat.sources import source_architecture
+
+        self.precision = choose_precision(c.mixed_precision, cuda=torch.cuda.is_available(),
+                                          hidden=source_architecture(c.model).hidden)
+        # accelerate keeps one AcceleratorState per process and refuses another precision in it: a second run in
+        # the same process (a library caller, the tests) may train in another one (the process group stays)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+        self.accelerator = acc = Accelerator(mixed_precision=self.precision.mode, log_with=c.log_with or None,
                                              project_dir=c.output)
         if not acc.is_main_process:
             self.log = lambda *_: None  # one process speaks
+        self.log(f"precision: {self.precision.why}")
         self.device = acc.device
         self.is_fsdp = acc.distributed_type.name == "FSDP"
         self.output = self._check_output()
@@ -134,6 +144,10 @@ class QATRecipe:
             (self.output / TRAIN_CONFIG).write_text(yaml.safe_dump(asdict(c), sort_keys=False))
         if c.log_with:
             acc.init_trackers("gemma3-qat", config=asdict(c))
+        if self.device.type == "cpu":  # after the models are loaded: what loading frees goes back to the system
+            from gemma3_qat.qat.cpu_memory import configure_for_training
+
+            self.log(f"cpu memory: {configure_for_training()}")
         self._install_signal_handlers()
 
     def _setup_data(self) -> None:
@@ -155,7 +169,7 @@ class QATRecipe:
     def _setup_student(self):
         """The student: fp32 master (latent) weights, fake-quantized in the run's format."""
         from gemma3_qat.models import architecture_from_config
-        from gemma3_qat.qat.prepare import prepare
+        from gemma3_qat.qat.prepare import fake_quantizers, prepare
         from gemma3_qat.sources import load_gemma3
 
         c = self.config
@@ -175,6 +189,7 @@ class QATRecipe:
         cache = fake_quant_cache_on(c.fake_quant_cache, self.is_fsdp)
         self.prepare_report = prepare(student, c.format, quantize_embeddings=c.quantize_embeddings, cache=cache,
                                       scale_grad=c.scale_grad)
+        self.fake_quantizers = fake_quantizers(student)
         if c.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.config.use_cache = False
@@ -189,7 +204,7 @@ class QATRecipe:
 
             self.teacher_cache = TeacherCache.open(self.config.teacher_cache, expected=self._cache_fingerprint())
         else:
-            self.teacher = load_teacher(self.teacher_source, self.device)
+            self.teacher = load_teacher(self.teacher_source, self.device, self.precision)
 
     def _setup_optimizer(self, student) -> torch.optim.Optimizer:
         """AdamW (no weight decay on norms and other vectors; their lr and the embedding's optionally scaled) and
@@ -203,7 +218,9 @@ class QATRecipe:
                   {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0, "lr": c.lr * c.vector_lr_mult},
                   {"params": [p for p in trained if p is own], "weight_decay": c.weight_decay,
                    "lr": c.lr * c.embedding_lr_mult}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=c.lr, betas=(0.9, 0.95))
+        # the CPU takes torch's fused AdamW: one pass over each parameter, no temporaries the size of the embedding
+        fused = True if self.device.type == "cpu" else None
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=c.lr, betas=(0.9, 0.95), fused=fused)
         # The schedule counts optimizer steps of the global batch. accelerate's prepared scheduler would step once
         # per process per call (it assumes per-process batches): keep it ours, and checkpoint it with the rest.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
@@ -294,6 +311,8 @@ class QATRecipe:
                 sums[k] += float(v)
         grad_norm = acc.clip_grad_norm_(self.student.parameters(), c.max_grad_norm)
         self.optimizer.step()
+        for quantizer in self.fake_quantizers:  # the fused AdamW updates in place without a version bump
+            quantizer.invalidate()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         totals = acc.reduce(torch.tensor([sums["loss"], sums["kd_loss"], sums["ce_loss"]], device=self.device),
