@@ -85,3 +85,51 @@ def test_ptq_init_names_the_choices_and_the_formats_it_applies_to():
         TrainConfig(ptq_init="gptq")
     with pytest.raises(InputError, match="sfp8 has none"):
         TrainConfig(format="sfp8", ptq_init="imatrix")
+
+
+def test_latents_on_a_finer_lattice_move_off_q4_0s_boundaries_with_the_same_codes():
+    """A model dequantized from Q5_0 (the gguf package's quantizer: llama.cpp's) has about half its weights on Q4_0's
+    rounding ties (odd multiples of d5 under d = 2 d5): a tiny update would flip them all. Moved off, the codes and
+    scales are identical and the same tiny update flips (almost) none; a continuous weight barely moves."""
+    from gguf import GGMLQuantizationType as GT
+    from gguf import quants
+
+    from gemma3_qat.formats import get_format
+
+    torch.manual_seed(0)
+    f = get_format("int4-block")
+    raw = torch.randn(64, 256) * 0.03
+    on_q5 = torch.from_numpy(quants.dequantize(quants.quantize(raw.numpy(), GT.Q5_0), GT.Q5_0).reshape(raw.shape))
+    moved, n = f.off_boundaries(on_q5)
+    assert n > 0.3 * on_q5.numel()
+    before, after = f.quantize(on_q5), f.quantize(moved)
+    assert torch.equal(before.codes, after.codes) and torch.equal(before.scales, after.scales)
+    nudge = torch.sign(torch.randn_like(raw)) * 1e-6  # far below a step (~0.01), like one early AdamW update
+
+    def flipped(w):
+        return (f.quantize(w + nudge).codes != f.quantize(w).codes).float().mean().item()
+
+    assert flipped(on_q5) > 0.15 and flipped(moved) < 0.001
+    _, n_raw = f.off_boundaries(raw)
+    assert n_raw < 0.001 * raw.numel()
+
+
+def test_training_start_moves_a_finer_lattice_off_the_boundaries_and_says_so():
+    from gguf import GGMLQuantizationType as GT
+    from gguf import quants
+    from transformers import Gemma3ForCausalLM
+
+    from builders import tiny_text_config
+    from gemma3_qat.models import quantizable_linears
+    from gemma3_qat.qat.ptq_init import move_off_boundaries
+
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(tiny_text_config(512))
+    assert move_off_boundaries(model, "int4-block") is None  # random init: nothing on a boundary to speak of
+    with torch.no_grad():
+        for lin in quantizable_linears(model).values():
+            w = lin.weight.numpy()
+            lin.weight.copy_(torch.from_numpy(quants.dequantize(quants.quantize(w, GT.Q5_0), GT.Q5_0).reshape(w.shape)))
+    line = move_off_boundaries(model, "int4-block")
+    assert line is not None and "rounding boundaries" in line
+    assert move_off_boundaries(model, "int4-block") is None  # once moved, nothing is left on a boundary

@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType
 
 from gemma3_qat.formats.base import FormatError, QuantizedWeight, as_fp32_matrix
 from gemma3_qat.formats.q4_0 import (Q4_0_BLOCK, extreme_position, int4_values, pack_q4_0, q4_0_extreme_and_scale,
-                                     q4_0_q, q4_0_scale, signed_extreme)
+                                     q4_0_off_boundaries, q4_0_q, q4_0_scale, signed_extreme)
 from gemma3_qat.formats.weight_format import WeightFormat
 
 T = GGMLQuantizationType
@@ -56,6 +56,12 @@ class Int4(WeightFormat):
         side = (groups * sign).clamp_(min=-7.0 * D.abs(), max=bound)
         side.scatter_(-1, extreme_position(groups, signed_extreme(groups)), bound)
         return torch.where(keep, groups, side * sign).reshape(weight.shape)
+
+    def off_boundaries(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``[rows, in]`` fp32 latent with the same codes and scales and no weight on a rounding boundary, and how
+        many moved (``q4_0.q4_0_off_boundaries``)."""
+        moved, n = q4_0_off_boundaries(self.groups_of(weight))
+        return moved.reshape(weight.shape), n
 
     def scale_gradient(self, weight, grad):
         """The learned-step-size (LSQ) gradient of each group's scale, delivered to the weight that sets it.

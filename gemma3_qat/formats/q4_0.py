@@ -64,6 +64,32 @@ def q4_0_q(blocks: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     return torch.mul(blocks, inv).add_(8.5).trunc_().clamp_(0, 15)
 
 
+BOUNDARY_TOLERANCE = 1e-4  # of a step: a continuous weight lies this close to a rounding boundary 0.02% of the time
+
+
+def q4_0_off_boundaries(blocks: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``blocks`` with each weight that lies on a rounding boundary of the rule (``x * (1/d) + 8.5`` within
+    ``BOUNDARY_TOLERANCE`` of an integer) moved a quarter step into the code it quantizes to; and how many moved.
+
+    Codes and scales are unchanged (the moved weight stays inside its code's interval, and never reaches the
+    block's extreme, so ``d`` is the same): the quantized model is the same, but its latent weights no longer sit
+    where the smallest update flips a code. A model dequantized from a finer lattice sits there: Q5_0 values
+    ``k * d5`` under Q4_0's ``d = 2 * d5`` are ties for every odd ``k``, about half the weights, and one optimizer
+    step would flip them all in the gradient's direction, a full step each."""
+    _, inv, _ = q4_0_extreme_and_scale(blocks)
+    t = blocks * inv + 8.5
+    frac = t - t.floor()
+    up = frac < BOUNDARY_TOLERANCE  # on the boundary or just above it: the code of the interval above
+    down = frac > 1 - BOUNDARY_TOLERANCE
+    clamped = (t >= 15.5) | (t < 0.5)  # the codes past 15 or below 0 clamp: no boundary there
+    up &= ~clamped
+    down &= ~clamped
+    safe_inv = torch.where(inv == 0, torch.ones_like(inv), inv)
+    moved = blocks + (up.float() * 0.25 - down.float() * 0.25) / safe_inv
+    moved = torch.where(inv == 0, blocks, moved)
+    return moved, int((up | down).logical_and(inv != 0).sum())
+
+
 def int4_values(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Dequantize codes ``q`` in [0, 15] with fp16 scales broadcast over the last axis: ``(q - 8) * D`` in fp32."""
     return (q.to(torch.float32) - 8.0) * scale.to(torch.float32)

@@ -72,6 +72,11 @@ class WeightFormat:
         """``dequantize(quantize(weight))`` in fp32, computed without materialising the codes' storage."""
         return self.dequantize(self.quantize(weight))
 
+    def off_boundaries(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The latent moved off the format's rounding boundaries, codes unchanged, and how many weights moved.
+        Formats with a boundary rule override it (int4); the others keep the weight."""
+        return weight, 0
+
     def scale_gradient(self, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
         """The gradient a scale derived from the weights passes back to the weight that sets it (see ``int4.Int4``);
         None for formats whose scale is not set by one weight."""

@@ -129,3 +129,30 @@ def search_scales(model: nn.Module, fmt: str | WeightFormat, importance: dict[st
             latent = search_tensor(fmt, linear.weight, importance[name], report)
             linear.weight.copy_(latent.to(linear.weight.dtype))
     return report
+
+
+def move_off_boundaries(model: nn.Module, fmt: str | WeightFormat, *, embedding: bool = False) -> str | None:
+    """Move the latent weights of every quantizable Linear (and the tied embedding if ``embedding``) of ``model``
+    (plain, not yet prepared) off ``fmt``'s rounding boundaries, codes unchanged (``WeightFormat.off_boundaries``).
+    Returns a log line when more than 1% of the weights moved: then the checkpoint sits on a finer lattice than
+    ``fmt`` (a model dequantized from a GGUF), where the first optimizer step would flip all of them at once."""
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    weights = [linear.weight for linear in quantizable_linears(model).values()]
+    if embedding:
+        weights.append(model.get_input_embeddings().weight)
+    moved = total = 0
+    with torch.no_grad():
+        for w in weights:
+            total += w.numel()
+            for s in range(0, w.shape[0], ROWS_PER_CHUNK * 16):
+                rows = w[s:s + ROWS_PER_CHUNK * 16]
+                latent, n = fmt.off_boundaries(rows.float())
+                if n:
+                    rows.copy_(latent.to(rows.dtype))
+                    moved += n
+    if moved <= 0.01 * total:
+        return None
+    return (f"start: {moved:,} of {total:,} latent weights ({moved / total:.0%}) sat on {fmt.name}'s rounding "
+            "boundaries (the checkpoint is on a finer lattice, as a model dequantized from a GGUF is) and moved a "
+            "quarter step into their codes: the same quantized model, without the first step flipping them all")
+
