@@ -5,7 +5,7 @@
         --recipe recipes/gemma3-27b-int4-block.yaml
 
 Features and their flags (every knob is a recipe key and a flag, declared once in ``qat.config.TrainConfig``):
-* formats ``--format int4-block|int4-channel|sfp8``, ``--quantize-embeddings`` (the tied table, lookup and head)
+* formats ``--format`` (``gemma3-qat formats``: int4-block, int4-channel, sfp8, q4_k_m and its lattices), ``--quantize-embeddings`` (the tied table, lookup and head)
 * KD ``--kd full|sampled|topk``, ``--kd-k``, ``--kd-temperature``, ``--kd-alpha`` (mix in the next-token loss),
   computed in chunks of positions with the LM heads inside the chunk (``distill.kd_loss``, ``head``): no
   ``[tokens x vocab]`` tensor for a whole micro-batch, in training or validation
@@ -23,7 +23,7 @@ Features and their flags (every knob is a recipe key and a flag, declared once i
   ``--log-with tensorboard|wandb``
 
 Under bf16 autocast the fake-quantized weight is rounded to bf16 before the matmul: int4 values ``k * D`` need up
-to 14 significant bits, so training then sees values within 2**-9 relative of the runtime's (see the README).
+to 14 significant bits, so training then sees values within 2**-9 relative of the runtime's (docs/design.md).
 """
 
 from __future__ import annotations
@@ -186,6 +186,12 @@ class QATRecipe:
             device = torch.device("cpu") if self.is_fsdp else self.device
             importance = activation_importance(student.to(device), rows, c.micro_batch_size)
             self.log(search_scales(student, c.format, importance).line())
+        if not self.resume:
+            from gemma3_qat.qat.ptq_init import move_off_boundaries
+
+            line = move_off_boundaries(student, c.format, embedding=c.quantize_embeddings)
+            if line:
+                self.log(line)
         cache = fake_quant_cache_on(c.fake_quant_cache, self.is_fsdp)
         self.prepare_report = prepare(student, c.format, quantize_embeddings=c.quantize_embeddings, cache=cache,
                                       scale_grad=c.scale_grad)
