@@ -18,6 +18,7 @@ from gemma3_qat.memory.table3 import TABLE3_CONTEXT
 from gemma3_qat.memory.weights import WeightOptions, weight_bytes
 
 BASELINE_MODELS = tuple(GEMMA3_SHAPES)
+BASELINE_FORMATS = (*TABLE_FORMATS, "q4_k_m")  # Table 3's and the file most GGUF users run
 
 
 def baseline_cells(context: int = TABLE3_CONTEXT, kv_dtype: str = "bf16") -> dict[str, int]:
@@ -26,7 +27,7 @@ def baseline_cells(context: int = TABLE3_CONTEXT, kv_dtype: str = "bf16") -> dic
     cells: dict[str, int] = {}
     for name in BASELINE_MODELS:
         kv = kv_cache(name, context, dtype=kv_dtype).total
-        for fmt in TABLE_FORMATS:
+        for fmt in BASELINE_FORMATS:
             for container in CONTAINERS:
                 w = weight_bytes(name, WeightOptions(fmt, container)).total
                 cells[f"{name}/{fmt}/{container}/weights"] = w
