@@ -15,7 +15,7 @@ training data, against the run's own teacher: in bf16 under ``--set mixed_precis
 Each variant is ``TrainConfig.from_recipe(recipes/default.yaml, format=..., **variant)`` trained on the embedded
 model and data (or ``--model``'s), each in its own process (``--jobs`` at once, the CPU threads split between
 them); the table shows the final validation KL to the teacher on the training split's held-out rows (``val_kl``, what
-the recipe comments quote), top-1 and perplexity, and the KL relative to the first variant. Each run keeps its
+docs/results.md quotes), top-1 and perplexity, and the KL relative to the first variant. Each run keeps its
 directory under ``--workdir`` (its ``metrics.jsonl`` can be watched while it trains), and each variant's line, with
 its validation-KL curve, is printed as soon as it finishes. The quality benchmark (``benchmarks/quality.py``) then
 measures the chosen recipe's exported files in llama.cpp.

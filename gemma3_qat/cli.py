@@ -20,7 +20,7 @@ from gemma3_qat.errors import InputError, MissingFileError, OutputExistsError
 
 app = typer.Typer(
     name="gemma3-qat",
-    help="Quantization-aware training and exact export for Gemma 3 (int4-block = Q4_0, int4-channel, sfp8).",
+    help="Quantization-aware training and exact export for Gemma 3 (int4-block = Q4_0, q4_k_m = Q4_K_M, int4-channel, sfp8).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -114,7 +114,7 @@ def train(
     Examples:
       gemma3-qat train --format int4-block
       gemma3-qat train --recipe recipes/gemma3-1b-int4-block.yaml --model google/gemma-3-1b-pt --data web.jsonl
-      gemma3-qat train --model gemma-3-270m-q4_k_m.gguf --recipe gemma3-270m-cpu --data text.jsonl
+      gemma3-qat train --model gemma-3-270m-q4_k_m.gguf --format q4_k_m --data text.jsonl
     """
     from gemma3_qat.qat.train import TrainConfig, resolve_recipe
     from gemma3_qat.qat.train import train as run
@@ -164,7 +164,7 @@ def sample_data(
     """Sample training text from the unquantized model itself, for `train --data FILE[:WEIGHT]`.
 
     Distillation on the teacher's own samples teaches the student where the teacher is uncertain, as on text it
-    has not seen; its own training text does not (see README, Quality). Default: the embedded model.
+    has not seen; its own training text does not (docs/results.md). Default: the embedded model.
     """
     from gemma3_qat.qat.teacher_text import write_teacher_text
 

@@ -30,7 +30,8 @@ def knob(default=None, help: str = "", *, flag: tuple[str, ...] = (), factory=No
 
 @dataclass
 class TrainConfig:
-    format: str = knob("int4-block", "int4-block, int4-channel or sfp8.", flag=("--format", "-f"))
+    format: str = knob("int4-block", "int4-block, int4-channel, sfp8, q4_k_m or a llama.cpp lattice (q4_k, q6_k, q5_0, "
+                                          "q8_0-lattice); gemma3-qat formats lists them.", flag=("--format", "-f"))
     model: str | None = knob(None, "Checkpoint to start from: local HF dir, .gguf file or hub id. Default: the "
                                    "embedded model.")
     teacher: str | None = knob(None, "Unquantized reference (dir, .gguf or hub id). Default: --model.")
@@ -62,7 +63,8 @@ class TrainConfig:
     teacher_cache: str | None = knob(None, "Train from this teacher cache (no live teacher).")
     gradient_checkpointing: bool = knob(False, "Recompute activations in backward.",
                                         flag=("--gradient-checkpointing/--no-gradient-checkpointing",))
-    mixed_precision: str = knob("auto", "auto (bf16 autocast on CUDA, none on CPU), bf16 or no.")
+    mixed_precision: str = knob("auto", "auto (bf16 autocast on CUDA and on CPUs with native bf16 matmuls, for models at least "
+                                               "256 wide; fp32 elsewhere), bf16 or no.")
     fake_quant_cache: str = knob("auto", "Reuse fake-quant values between optimizer steps: auto (on, off under "
                                          "FSDP), on or off.")
     scale_grad: float = knob(0.0, "int4: the scales learn too (LSQ's gradient through the weight that sets each "

@@ -8,7 +8,7 @@ text the teacher is confident (it has seen it), so a student trained there learn
 meet in use, where the teacher is less sure; text the teacher samples at temperature 1 has the teacher's own
 uncertainty (LLM-QAT, Liu et al. 2023, trains on such data alone). On the embedded model the validation KL of the
 unquantized-vs-Q4_0 pair is 0.0081 on held-out rows of its training text but 0.0149 on teacher samples, close to
-the 0.0141 measured on held-out modules in llama.cpp (README, Quality).
+the 0.0141 measured on held-out modules in llama.cpp (docs/results.md).
 
 Each row starts from BOS and is sampled token by token (no top-k / top-p: the full distribution), ``tokens`` long
 with BOS, EOS and padding never sampled (``train`` adds BOS and EOS itself). Rows are written as ``{"text": ...}``
