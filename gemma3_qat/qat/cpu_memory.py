@@ -6,11 +6,13 @@ each), the backward pass and the fake quantization make ``[vocab, hidden]`` ones
 with fresh ``mmap`` calls and unmaps them on ``free``, so every one of them faulted all of its pages in again: at
 the 270M shape that was a third to a half of the step. The trainer (on a CPU device, once its models are loaded)
 calls ``configure_for_training``: torch then allocates large blocks on 2 MB pages (``THP_MEM_ALLOC_ENABLE``,
-torch's own switch), and glibc serves large blocks from its heap and keeps freed memory there for reuse
-(``mallopt``: no ``mmap``, no trimming). Measured side by side (``benchmarks/train_step.py --shape 270m``,
-docs/results.md): 1.5-1.9x faster steps; the cost is that the resident set keeps the heap's high-water mark, which
-the training planner counts. ``GEMMA3_QAT_CPU_ALLOCATOR=default`` leaves glibc as it is, and so does any
-``MALLOC_*`` setting of the user's.
+torch's own switch), and glibc serves blocks below ``MMAP_THRESHOLD`` (256 MiB, above the loss chunks' buffers)
+from its heap and keeps freed memory there for reuse (``mallopt``: a fixed mmap threshold, no trimming); larger
+blocks (the ``[vocab, hidden]`` transients) still map and unmap. Measured side by side
+(``benchmarks/train_step.py --shape 270m``, docs/results.md): 1.5-1.9x faster steps; the cost is that the resident
+set keeps the heap's high-water mark, which the training planner counts. With no mmap at all (every block in the
+heap) a 2-step run of the 270m recipe peaked at 8.40 GB, with the 256 MiB threshold at 8.03 GB, in the same time.
+``GEMMA3_QAT_CPU_ALLOCATOR=default`` leaves glibc as it is, and so does any ``MALLOC_*`` setting of the user's.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import ctypes
 import ctypes.util
 import os
 
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 256 * 2**20  # blocks this large or larger are mapped and unmapped each time, smaller ones reused
 ENV = "GEMMA3_QAT_CPU_ALLOCATOR"
 
 
@@ -33,7 +36,7 @@ def configure_for_training() -> str:
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        ok = (libc is not None and hasattr(libc, "mallopt") and libc.mallopt(M_MMAP_MAX, 0) == 1
+        ok = (libc is not None and hasattr(libc, "mallopt") and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
               and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1)
     except OSError:
         ok = False
@@ -41,3 +44,4 @@ def configure_for_training() -> str:
         return "large blocks on 2 MB pages (the C library has no mallopt)"
     return ("large blocks on 2 MB pages, freed memory kept in glibc's heap for reuse "
             "(GEMMA3_QAT_CPU_ALLOCATOR=default: glibc's own)")
+
