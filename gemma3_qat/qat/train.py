@@ -186,7 +186,8 @@ class QATRecipe:
             device = torch.device("cpu") if self.is_fsdp else self.device
             importance = activation_importance(student.to(device), rows, c.micro_batch_size)
             self.log(search_scales(student, c.format, importance).line())
-        if not self.resume:
+        # only a run that trains moves latents: a steps-0 run is the PTQ baseline and keeps the source's weights
+        if not self.resume and c.steps > 0:
             from gemma3_qat.qat.ptq_init import move_off_boundaries
 
             line = move_off_boundaries(student, c.format, embedding=c.quantize_embeddings)
