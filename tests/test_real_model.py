@@ -73,17 +73,34 @@ def f32_gguf(source, tmp_path_factory):
 @pytest.fixture(scope="module")
 def qat_run(source, tmp_path_factory):
     """2 steps of the 270m recipe's int4-block QAT (sampled KD, the tied embedding on the Q4_0 grid) from the real
-    model, started from round-to-nearest, on the embedded sample text."""
+    model given as its ``.gguf`` file (the cache points at the module's conversion), started from round-to-nearest,
+    on the embedded sample text. Returns the run directory; the log lines are in ``qat_run.lines``."""
+    import os
+
     from gemma3_qat.assets import default_model_path
     from gemma3_qat.qat.train import TrainConfig, resolve_recipe, train
+    from gemma3_qat.sources import CACHE_ENV
 
-    model = str(source[0])
-    out = tmp_path_factory.mktemp("qat") / "run"
-    config = TrainConfig.from_recipe(
-        resolve_recipe(None, model, "int4-block"), model=model, ptq_init="rtn",
-        data=[str(default_model_path() / "data" / "sample-text.jsonl")], steps=2, seq_len=128, batch_size=1,
-        micro_batch_size=1, eval_every=100, eval_rows=1, save_every=100, output=str(out))
-    return train(config, log=lambda *_: None)
+    cache = tmp_path_factory.mktemp("cache")
+    (cache / "gguf").symlink_to(source[0].parent, target_is_directory=True)
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(cache)
+    lines: list[str] = []
+    try:
+        choice = resolve_recipe(None, str(GGUF), "int4-block")
+        assert choice.path.name == "gemma3-270m-int4-block.yaml"  # a .gguf of a released shape: its size's recipe
+        config = TrainConfig.from_recipe(
+            choice, model=str(GGUF), ptq_init="rtn", data=[str(default_model_path() / "data" / "sample-text.jsonl")],
+            steps=2, seq_len=128, batch_size=1, micro_batch_size=1, eval_every=100, eval_rows=1, save_every=100,
+            output=str(tmp_path_factory.mktemp("qat") / "run"))
+        run = train(config, log=lines.append)
+    finally:
+        if before is None:
+            os.environ.pop(CACHE_ENV)
+        else:
+            os.environ[CACHE_ENV] = before
+    assert any("rounding boundaries" in line for line in lines)  # a Q5_0-valued model under Q4_0: moved off ties
+    return run
 
 
 def metrics(candidate, teacher, labels):
@@ -167,6 +184,29 @@ def test_f32_export_agrees_with_transformers_in_llama_cpp(f32_gguf, prose_window
 # An emulation of Q8_0 activation rounding in the PyTorch reference does not close it (it widens it), so the gap is
 # gated near what is measured, and the weights bit for bit.
 QUANTIZED_ARITHMETIC_KL, QUANTIZED_ARITHMETIC_TOP1 = 1e-2, 0.945
+# The Q4_K_M file (Q5_0 / Q4_K / Q6_K / Q8_0 matmuls, each with its own activation rounding: Q8_0 or Q8_K) after one
+# q4_k_m step: vs the student KL 1.29e-2 / top-1 94.2%, its values as F32 1.8e-5 / 99.95%, the file vs those 1.32e-2.
+Q4_K_M_ARITHMETIC_KL, Q4_K_M_ARITHMETIC_TOP1 = 2e-2, 0.93
+
+
+def split_the_gap(run, gguf, tmp_path, ids, labels):
+    """The quantized file in llama.cpp vs the PyTorch student, and the two parts of that gap: the file's own values
+    written as F32 (the ``unquantized`` export, then an F32 GGUF) in llama.cpp's float path vs the student (the
+    weights), and the quantized file vs those F32 values, both in llama.cpp (its quantized arithmetic)."""
+    from gemma3_qat.evaluate import load_for_eval, model_logits
+    from gemma3_qat.exporters.gguf import export_gguf
+    from gemma3_qat.exporters.safetensors import export_safetensors
+
+    values = export_safetensors(run, tmp_path / "values", layout="unquantized", log=None).path
+    (values / "qat.json").unlink()  # a plain checkpoint of those values: exported as F32, not re-quantized
+    values_gguf = tmp_path / "values-f32.gguf"
+    export_gguf(values, values_gguf, plain_type="f32", log=None)
+    student = list(model_logits(load_for_eval(run), ids))
+    llama, llama_f32 = llama_logits(gguf, ids), llama_logits(values_gguf, ids)
+    kl, top1 = metrics(llama, student, labels)
+    kl_float, top1_float = metrics(llama_f32, student, labels)
+    kl_arith, _ = metrics(llama, llama_f32, labels)
+    return kl, top1, kl_float, top1_float, kl_arith
 
 
 def test_qat_export_computes_like_the_student_on_the_weights_it_holds(qat_run, tmp_path, prose_windows):
@@ -174,9 +214,7 @@ def test_qat_export_computes_like_the_student_on_the_weights_it_holds(qat_run, t
     from gguf import quants as gq
     from safetensors.torch import load_file
 
-    from gemma3_qat.evaluate import load_for_eval, model_logits
     from gemma3_qat.exporters.gguf import export_gguf
-    from gemma3_qat.exporters.safetensors import export_safetensors
     from gemma3_qat.formats import get_format
     from gemma3_qat.layout import text_gguf_name
 
@@ -194,15 +232,7 @@ def test_qat_export_computes_like_the_student_on_the_weights_it_holds(qat_run, t
             checked += 1
     assert checked == 127  # 126 matmuls and the tied embedding, on the Q4_0 grid
 
-    values = export_safetensors(qat_run, tmp_path / "values", layout="unquantized", log=None).path
-    (values / "qat.json").unlink()  # a plain checkpoint of those values: exported as F32, not re-quantized
-    values_gguf = tmp_path / "values-f32.gguf"
-    export_gguf(values, values_gguf, plain_type="f32", log=None)
-    student = list(model_logits(load_for_eval(qat_run), ids))
-    llama, llama_f32 = llama_logits(gguf, ids), llama_logits(values_gguf, ids)
-    kl, top1 = metrics(llama, student, labels)
-    kl_float, top1_float = metrics(llama_f32, student, labels)
-    kl_arith, _ = metrics(llama, llama_f32, labels)
+    kl, top1, kl_float, top1_float, kl_arith = split_the_gap(qat_run, gguf, tmp_path, ids, labels)
     print(f"\nQAT int4-block GGUF (embedding on the grid), 2 steps, {WINDOWS} x {SEQ} tokens of prose, in llama.cpp vs "
           f"the PyTorch student: KL {kl:.2e}, top-1 {top1:.2%}. The same values as F32 in llama.cpp vs the student: "
           f"KL {kl_float:.2e}, top-1 {top1_float:.2%}; the Q4_0 file vs those F32 values, both in llama.cpp (its "
@@ -210,6 +240,50 @@ def test_qat_export_computes_like_the_student_on_the_weights_it_holds(qat_run, t
     assert kl_float <= 1e-4 and top1_float >= 0.99  # the weights and the float path: the student's
     assert kl <= QUANTIZED_ARITHMETIC_KL and top1 >= QUANTIZED_ARITHMETIC_TOP1
     assert kl_arith >= 0.5 * kl  # most of the gap is llama.cpp's quantized arithmetic, not the weights
+
+
+def test_q4_k_m_export_is_llama_quantizes_own_file_of_the_latent_weights(source, tmp_path, prose_windows):
+    """One q4_k_m QAT step from the real model; llama.cpp's convert_hf_to_gguf --outtype f32 + llama-quantize
+    Q4_K_M of the run directory's latent weights writes our file: every tensor's type and every byte. The file in
+    llama.cpp against the PyTorch student is gated as the Q4_0 file is (llama.cpp's quantized arithmetic)."""
+    from gguf import GGUFReader
+    from test_kquant_export import _byte_fractions
+
+    from gemma3_qat.assets import default_model_path
+    from gemma3_qat.exporters.gguf import export_gguf
+    from gemma3_qat.qat.train import TrainConfig, resolve_recipe, train
+    from gemma3_qat.runtimes import llama_tools
+
+    if not llama_tools.available():
+        pytest.skip("llama.cpp's tools are not built (scripts/build_llama_tools.sh)")
+    model = str(source[0])
+    config = TrainConfig.from_recipe(
+        resolve_recipe(None, model, "q4_k_m"), model=model, data=[str(default_model_path() / "data" /
+                                                                        "sample-text.jsonl")],
+        steps=1, seq_len=64, batch_size=1, micro_batch_size=1, eval_every=100, eval_rows=1, save_every=100,
+        output=str(tmp_path / "run"))
+    run = train(config, log=lambda *_: None)
+    ours_path = export_gguf(run, tmp_path / "ours.gguf", log=None).path
+    theirs_path = llama_tools.quantize(llama_tools.convert_hf(run, tmp_path / "latent-f32.gguf", outtype="f32"),
+                                       tmp_path / "llama-q4_k_m.gguf", "Q4_K_M")
+    (tmp_path / "latent-f32.gguf").unlink()
+    ours = {t.name: t for t in GGUFReader(ours_path).tensors}
+    theirs = {t.name: t for t in GGUFReader(theirs_path).tensors}
+    assert {n: t.tensor_type.name for n, t in ours.items()} == {n: t.tensor_type.name for n, t in theirs.items()}
+    fractions = _byte_fractions(ours, theirs)
+    print("\nreal gemma-3-270m, llama-quantize Q4_K_M of the latent weights reproduces: " + "; ".join(
+        f"{k} {t}/{n} tensors, {b}/{m} blocks" for k, (t, n, b, m) in sorted(fractions.items())))
+    assert set(fractions) == {"Q5_0", "Q4_K", "Q6_K", "Q8_0"}  # the package file's own mixture of types
+    assert all(t == n for t, n, _, _ in fractions.values()), fractions
+
+    ids, labels = prose_windows
+    kl, top1, kl_float, top1_float, kl_arith = split_the_gap(run, ours_path, tmp_path, ids, labels)
+    print(f"QAT q4_k_m GGUF, 1 step, {WINDOWS} x {SEQ} tokens of prose, in llama.cpp vs the PyTorch student: "
+          f"KL {kl:.2e}, top-1 {top1:.2%}. Its values as F32 in llama.cpp vs the student: KL {kl_float:.2e}, "
+          f"top-1 {top1_float:.2%}; the file vs those F32 values, both in llama.cpp: KL {kl_arith:.2e}")
+    assert kl_float <= 1e-4 and top1_float >= 0.99
+    assert kl <= Q4_K_M_ARITHMETIC_KL and top1 >= Q4_K_M_ARITHMETIC_TOP1
+    assert kl_arith >= 0.5 * kl
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer
