@@ -1,6 +1,7 @@
 """Quality: teacher vs post-training quantization vs QAT, every candidate exported and run in its runtime.
 
-    python benchmarks/quality.py [--formats int4-block int4-channel sfp8] [--steps N] [--workdir runs/quality]
+    python benchmarks/quality.py [--formats int4-block int4-channel sfp8 q4_k_m] [--steps N] [--workdir runs/quality]
+    python benchmarks/quality.py --formats int4-block q4_k_m --plot docs/quality-frontier.png   # KL against file size
     python benchmarks/quality.py --model DIR --data FILE[:WEIGHT] ... [--eval-data FILE ...]   # another model
 
 On the embedded default model and its data (or ``--model`` and its ``--data``: the same recipe, given only another
@@ -44,11 +45,12 @@ PTQ_FILES = (
     ("llama-q4_0.gguf", "Q4_0", False, "q8_0", ("int4-block", "int4-channel")),
     ("llama-imatrix-q4_0.gguf", "Q4_0", True, "q8_0", ("int4-block", "int4-channel")),
     ("llama-imatrix-iq4_nl.gguf", "IQ4_NL", True, "q8_0", ("int4-block", "int4-channel")),
-    ("llama-q4_k_m.gguf", "Q4_K_M", False, None, ("int4-block", "int4-channel")),
-    ("llama-imatrix-q4_k_m.gguf", "Q4_K_M", True, None, ("int4-block", "int4-channel")),
+    ("llama-q4_k_m.gguf", "Q4_K_M", False, None, ("int4-block", "int4-channel", "q4_k_m")),
+    ("llama-imatrix-q4_k_m.gguf", "Q4_K_M", True, None, ("int4-block", "int4-channel", "q4_k_m")),
     ("llama-q8_0.gguf", "Q8_0", False, None, ("sfp8",)),
 )
 INT4_PEERS = {f[0] for f in PTQ_FILES if "int4-block" in f[4]}  # the files our Q4_0 rows stand against
+RELEASE_FORMATS = ("int4-block", "int4-channel", "sfp8", "q4_k_m")  # the lattices q4_k ... are q4_k_m's parts
 TEACHER_GGUF = "teacher-f32.gguf"  # llama.cpp's PTQ files are quantized from it, and llama-perplexity's base
 
 
@@ -172,10 +174,73 @@ def torchao_to_plain_checkpoint(run: Path, out: Path) -> Path:
     return out
 
 
+def plot_frontier(report, path: Path, workdir: Path) -> Path:
+    """KL to the teacher against file size, one point per GGUF (log-scaled KL), llama.cpp's PTQ files, our PTQ
+    starts and our QAT files apart, each group's lower envelope drawn: users choose by megabytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {"llama.cpp PTQ": ("tab:gray", "o"), "ours, PTQ (step 0)": ("tab:blue", "s"), "ours, QAT": ("tab:red", "D")}
+    points = {g: [] for g in groups}
+    for r in report.results:
+        if not r.name.endswith(".gguf") or r.bits is None:
+            continue
+        group = ("llama.cpp PTQ" if r.name.startswith("llama-") else
+                 "ours, PTQ (step 0)" if r.name.startswith("ptq-") else "ours, QAT")
+        mb = (workdir / r.name).stat().st_size / 1e6
+        points[group].append((mb, r.kl_mean, r.name.removesuffix(".gguf")))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    ax.set_yscale("log")
+    labels = []
+    for g, pts in points.items():
+        if not pts:
+            continue
+        color, marker = groups[g]
+        pts.sort()
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=color, marker=marker, label=g, zorder=3)
+        frontier, best = [], float("inf")
+        for x, y, _ in pts:  # the lower envelope: the least KL at this size or less
+            if y < best:
+                frontier.append((x, y))
+                best = y
+        ax.plot([f[0] for f in frontier], [f[1] for f in frontier], c=color, lw=1, alpha=0.6, drawstyle="steps-post")
+        labels += [(x, y, name, color) for x, y, name in pts]
+    ax.autoscale_view()
+    fig.tight_layout()  # the final axes box, so that points' positions below are where they are drawn
+    # Files of one size and about one KL (a PTQ file of ours and llama-quantize's, byte for byte) would print their
+    # names over each other: each label takes the first vertical offset whose box meets no label drawn before it.
+    fontsize, placed = 6, []  # boxes in points: (x0, y0, x1, y1)
+    to_points = 72 / fig.dpi
+    for x, y, name, color in labels:
+        px, py = (v * to_points for v in ax.transData.transform((x, y)))
+        width, height = 0.55 * fontsize * len(name), fontsize + 1
+        for dy in (3, -9, 12, -18, 21, -27, 30):
+            box = (px + 4, py + dy, px + 4 + width, py + dy + height)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, dy), fontsize=fontsize, color=color)
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("KL to the teacher (mean, llama.cpp)")
+    ax.set_title(f"{Path(report.teacher).name}: {report.windows} x {report.seq_len} tokens of held-out text",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--formats", nargs="+", default=list(formats.FORMATS))
-    p.add_argument("--steps", type=int, help="QAT steps (default: the recipe's)")
+    p.add_argument("--formats", nargs="+", default=list(RELEASE_FORMATS), choices=list(formats.FORMATS))
+    p.add_argument("--steps", nargs="+", default=[], metavar="N|FORMAT=N",
+                   help="QAT steps, for every format or per format (default: the recipe's)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep --workdir and reuse the files already built there (a long run continued)")
     p.add_argument("--model", help="the teacher to quantize, as train --model (default: the embedded model)")
     p.add_argument("--data", nargs="+", metavar="FILE[:WEIGHT]",
                    help="its training data, as train --data (required with --model; default: the embedded samples)")
@@ -184,6 +249,7 @@ def main():
                         "held out for any model pretrain-default builds)")
     p.add_argument("--workdir", type=Path, default=Path("runs/quality"))
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="also draw KL against file size (GGUF rows) into PNG")
     p.add_argument("--no-torchao", action="store_true")
     p.add_argument("--no-gemma-cpp", action="store_true", help="skip the sfp8 .sbs rows (no gemma.cpp binaries)")
     p.add_argument("--no-ptq-baselines", action="store_true",
@@ -193,14 +259,23 @@ def main():
         p.error("--model needs its --data (the recipe's data is the embedded model's)")
     source = {"model": args.model, "data": args.data}  # None = the recipe's (the embedded model and samples)
     quiet = lambda *_: None  # noqa: E731
-    shutil.rmtree(args.workdir, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True, exist_ok=True)
     ggufs = []
 
     def run(name: str, **overrides) -> Path:
         cfg = TrainConfig.from_recipe(RECIPE, output=str(args.workdir / name), **source, **overrides)
         return train(cfg, force=True, log=quiet)
 
-    steps = {"steps": args.steps} if args.steps is not None else {}
+    per_format = dict(item.split("=", 1) for item in args.steps if "=" in item)
+    every = [item for item in args.steps if "=" not in item]
+
+    def steps_of(fmt: str) -> dict:
+        n = per_format.get(fmt, every[0] if every else None)
+        return {"steps": int(n)} if n is not None else {}
+
+    steps = steps_of("int4-block")
     against = {}  # file -> the PTQ file its recovered fractions are measured against (beyond eval's own pairing)
     for fmt in args.formats:
         # PTQ is round-to-nearest under the runtime rule (llama-quantize's RTN Q4_0, tensor for tensor), whatever
@@ -209,7 +284,11 @@ def main():
         if TrainConfig.from_recipe(RECIPE, format=fmt).ptq_init != "rtn":
             runs.append((f"ptq-imatrix-{fmt}", {"steps": 0}))
             against[f"ptq-imatrix-{fmt}.gguf"] = f"ptq-{fmt}.gguf"
-        for name, kw in (*runs, (f"qat-{fmt}", steps)):
+        for name, kw in (*runs, (f"qat-{fmt}", steps_of(fmt))):
+            if args.keep and (args.workdir / f"{name}.gguf").exists() and fmt != "sfp8":
+                ggufs.append(args.workdir / f"{name}.gguf")
+                print(f"kept {name}.gguf", flush=True)
+                continue
             ckpt = run(name, format=fmt, **kw)
             ggufs.append(export_gguf(ckpt, args.workdir / f"{name}.gguf", force=True, log=None).path)
             print(f"built {ggufs[-1].name}", flush=True)
@@ -251,6 +330,13 @@ def main():
             print(f"# {r.name}: KL {r.kl_mean:.5f}: {vs_rtn}{100 * (1 - r.kl_mean / best.kl_mean):.0f}% below the "
                   f"best llama.cpp PTQ file ({best.name}, KL {best.kl_mean:.5f}, {best.bits[0]:.2f} bits/weight)")
             print(size_verdict(r, [p for p in report.results if p.name in INT4_PEERS]))
+    k_m = by_name.get("qat-q4_k_m.gguf")
+    for peer in ("llama-imatrix-q4_k_m.gguf", "llama-q4_k_m.gguf"):
+        if k_m is not None and peer in by_name:
+            print(f"# qat-q4_k_m.gguf: KL {k_m.kl_mean:.5f} = {k_m.kl_mean / by_name[peer].kl_mean:.2f}x {peer}'s "
+                  f"({by_name[peer].kl_mean:.5f}; {k_m.bits[1]:.2f} vs {by_name[peer].bits[1]:.2f} bits/weight in all)")
+    if args.plot:
+        print(f"# plot: {plot_frontier(report, args.plot, args.workdir)}")
     if ptq:
         check = next((p for p in ptq if "imatrix-q4_k_m" in p.name), ptq[0])
         ours = next(r.kl_mean for r in report.results if r.name == check.name)
