@@ -50,7 +50,8 @@ class QATMetadata:
     ``lattices``: HF weight name -> lattice (format name) of every tensor trained quantized, as ``qat.prepare``
     chose it (``write_qat_checkpoint`` fills it in from the model); empty in a qat.json written before it existed,
     where ``format`` is every trained tensor's (``Checkpoint.trained_formats``). A mixture (``q4_k_m``) always
-    quantizes the tied embedding (its policy's type), so ``quantize_embeddings`` is true for it.
+    quantizes the tied embedding (its policy's type), so ``quantize_embeddings`` is true for it. ``precision``: what
+    ``--mixed-precision`` resolved to on the machine that trained (``auto`` depends on the host); None before.
     """
 
     format: str
@@ -63,6 +64,7 @@ class QATMetadata:
     metrics: dict = field(default_factory=dict)
     gemma3_qat_version: str = ""
     lattices: dict[str, str] = field(default_factory=dict)
+    precision: str | None = None  # the compute precision training resolved to: "bf16" (autocast) or "no" (fp32)
 
     def __post_init__(self):
         fmt = get_format(self.format)  # an unknown format is a clear error, naming the valid ones

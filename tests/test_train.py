@@ -52,6 +52,10 @@ def test_output_is_a_qat_checkpoint_with_metrics(tiny_text_dir, sample_data, tmp
     assert meta.format == "int4-block" and meta.steps == 6 and meta.quantize_embeddings
     assert len(meta.quantized_modules) == 44 and "lm_head" in meta.quantized_modules
     assert {"val_kl", "val_top1", "val_ppl", "ptq_val_kl"} <= set(meta.metrics)
+    from gemma3_qat.qat.precision import choose_precision
+
+    hidden = json.loads((tiny_text_dir / "config.json").read_text()).get("hidden_size")
+    assert meta.precision == choose_precision("auto", cuda=torch.cuda.is_available(), hidden=hidden).mode  # as resolved
     for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json", "train-config.yaml"):
         assert (out / name).exists(), name
     w = weights(out)

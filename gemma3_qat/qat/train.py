@@ -368,7 +368,8 @@ class QATRecipe:
             format=c.format, quantize_embeddings=c.quantize_embeddings,
             quantized_modules=self.prepare_report.quantized, teacher=self.teacher_source,
             data=[f"{s.path}:{s.weight:g}" for s in self.data_sources], steps=self.step,
-            kd=c.kd if c.steps else None, metrics=metrics, gemma3_qat_version=__version__)
+            kd=c.kd if c.steps else None, metrics=metrics, gemma3_qat_version=__version__,
+            precision=self.precision.mode)
 
     def save_checkpoint(self, metrics: dict) -> Path:
         """checkpoints/step-NNNNNN: a QAT checkpoint plus the trainer state and a manifest; written to a temp dir,
