@@ -24,6 +24,7 @@ against RTN Q4_0. Then one file is scored by ``llama-perplexity --kl-divergence`
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from pathlib import Path
@@ -45,6 +46,9 @@ PTQ_FILES = (
     ("llama-q4_0.gguf", "Q4_0", False, "q8_0", ("int4-block", "int4-channel")),
     ("llama-imatrix-q4_0.gguf", "Q4_0", True, "q8_0", ("int4-block", "int4-channel")),
     ("llama-imatrix-iq4_nl.gguf", "IQ4_NL", True, "q8_0", ("int4-block", "int4-channel")),
+    # every matmul and the tied embedding Q4_0: the peers of an int4-block run that trains the embedding on the grid
+    ("llama-q4_0-e4.gguf", "Q4_0", False, "q4_0", ("int4-block",)),
+    ("llama-imatrix-q4_0-e4.gguf", "Q4_0", True, "q4_0", ("int4-block",)),
     ("llama-q4_k_m.gguf", "Q4_K_M", False, None, ("int4-block", "int4-channel", "q4_k_m")),
     ("llama-imatrix-q4_k_m.gguf", "Q4_K_M", True, None, ("int4-block", "int4-channel", "q4_k_m")),
     ("llama-q8_0.gguf", "Q8_0", False, None, ("sfp8",)),
@@ -54,23 +58,32 @@ RELEASE_FORMATS = ("int4-block", "int4-channel", "sfp8", "q4_k_m")  # the lattic
 TEACHER_GGUF = "teacher-f32.gguf"  # llama.cpp's PTQ files are quantized from it, and llama-perplexity's base
 
 
-def calibration_text(out: Path, source: dict | None = None) -> Path:
-    """The text of the training rows QAT uses (the default recipe's data and split), for llama-imatrix."""
+def calibration_text(out: Path, source: dict | None = None, recipe: Path = RECIPE) -> Path:
+    """The text of the training rows QAT uses (the recipe's data and split), for llama-imatrix."""
     from gemma3_qat.qat.data import setup_run_data
 
-    data = setup_run_data(TrainConfig.from_recipe(RECIPE, **(source or {})), log=lambda *_: None)
+    data = setup_run_data(TrainConfig.from_recipe(recipe, **(source or {})), log=lambda *_: None)
     rows = data.tokenizer.batch_decode(data.train.input_ids.tolist(), skip_special_tokens=True)
     out.write_text("\n\n".join(r.strip() for r in rows if r.strip()), encoding="utf-8")
     return out
 
 
-def build_ptq_baselines(workdir: Path, fmts: list[str], source: dict | None = None) -> list[Path]:
+def wanted_ptq_files(fmts: list[str], recipe: Path, names: list[str] | None = None) -> list[tuple]:
+    """The llama.cpp files to build: ``names`` (``--ptq``), else every peer of ``fmts``, the all-Q4_0 (``-e4``)
+    ones only where the recipe trains int4-block's embedding on the grid."""
+    if names is not None:
+        return [f for f in PTQ_FILES if f[0].removesuffix(".gguf") in names]
+    e4 = "int4-block" in fmts and TrainConfig.from_recipe(recipe, format="int4-block").quantize_embeddings
+    return [f for f in PTQ_FILES if set(f[4]) & set(fmts) and (e4 or not f[0].endswith("-e4.gguf"))]
+
+
+def build_ptq_baselines(workdir: Path, wanted: list[tuple], source: dict | None = None,
+                        recipe: Path = RECIPE, imatrix_chunks: int | None = None) -> list[Path]:
     """llama.cpp's own PTQ files of the teacher (``source``: the run's model and data; default the embedded ones;
     see the module docstring)."""
     from gemma3_qat.sources import resolve_model
     from gemma3_qat.runtimes import llama_tools
 
-    wanted = [f for f in PTQ_FILES if set(f[4]) & set(fmts)]
     if not wanted:
         return []
     source = source or {}
@@ -78,8 +91,8 @@ def build_ptq_baselines(workdir: Path, fmts: list[str], source: dict | None = No
                           log=None).path
     imatrix = None
     if any(f[2] for f in wanted):
-        imatrix = llama_tools.imatrix(teacher, calibration_text(workdir / "calibration.txt", source),
-                                      workdir / "imatrix.gguf")
+        imatrix = llama_tools.imatrix(teacher, calibration_text(workdir / "calibration.txt", source, recipe),
+                                      workdir / "imatrix.gguf", chunks=imatrix_chunks)
     out = []
     for name, qtype, weighted, embedding, _ in wanted:
         out.append(llama_tools.quantize(teacher, workdir / name, qtype, imatrix_file=imatrix if weighted else None,
@@ -88,34 +101,44 @@ def build_ptq_baselines(workdir: Path, fmts: list[str], source: dict | None = No
     return out
 
 
-def llama_perplexity_check(workdir: Path, candidate: Path, ours: float, model: str | None,
-                           eval_data: list[str] | None) -> str:
-    """``llama-perplexity --kl-divergence`` of one file against the F32 teacher GGUF, on the text of the same
-    evaluation windows, beside our eval's KL of that file."""
+def llama_perplexity_klds(workdir: Path, files: list[Path], model: str | None, eval_data: list[str] | None, *,
+                          seq_len: int = 256, windows: int = 64) -> dict[str, tuple[str, str]]:
+    """``llama-perplexity --kl-divergence`` of each file against the F32 teacher GGUF, on the text of the same
+    evaluation windows: {file name: (mean KLD, same top-1 %)} as llama.cpp prints them (nan included; ``not
+    printed (...)`` with its last line where it printed none)."""
+    import re
+
     from gemma3_qat.evaluate import evaluation_windows
     from gemma3_qat.sources import resolve_model
     from gemma3_qat.runtimes import llama_tools
     from gemma3_qat.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(str(resolve_model(model)))
-    windows, _, _ = evaluation_windows(tokenizer, data=eval_data, seq_len=256, max_windows=64)
+    ids, _, _ = evaluation_windows(tokenizer, data=eval_data, seq_len=seq_len, max_windows=windows)
     text = workdir / "eval-windows.txt"
-    text.write_text("".join(tokenizer.batch_decode(windows.tolist(), skip_special_tokens=True)), encoding="utf-8")
+    text.write_text("".join(tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)), encoding="utf-8")
     base = workdir / "teacher.kld"
-    teacher = workdir / TEACHER_GGUF
-    llama_tools.perplexity_kld(teacher, text, base, ctx=256, chunks=len(windows), save=True)
-    printout = llama_tools.perplexity_kld(candidate, text, base, ctx=256, chunks=len(windows))
-    import re
+    llama_tools.perplexity_kld(workdir / TEACHER_GGUF, text, base, ctx=seq_len, chunks=len(ids), save=True)
+    out = {}
+    for f in files:
+        printout = llama_tools.perplexity_kld(f, text, base, ctx=seq_len, chunks=len(ids))
+        kld, top = re.search(r"Mean\s+KLD:\s*(\S+)", printout), re.search(r"Same top p:\s*(\S+)", printout)
+        if kld is None:
+            lines = [line.strip() for line in printout.splitlines() if line.strip()]
+            out[f.name] = (f"not printed (its last line: {lines[-1] if lines else 'no output'!r})", "")
+        else:
+            out[f.name] = (kld.group(1), top.group(1) if top else "")
+    return out
 
-    found = re.search(r"Mean\s+KLD:\s*(\S+)", printout)  # as printed, nan included
-    if found:
-        mean = found.group(1)
-    else:  # seen once (a run beside other jobs; not reproduced): say what llama.cpp printed instead
-        lines = [line.strip() for line in printout.splitlines() if line.strip()]
-        mean = f"not printed (its last line: {lines[-1] if lines else 'no output'!r})"
+
+def llama_perplexity_check(workdir: Path, candidate: Path, ours: float, model: str | None,
+                           eval_data: list[str] | None, seq_len: int = 256, windows: int = 64) -> str:
+    """One file's ``llama-perplexity --kl-divergence`` beside our eval's KL of it."""
+    mean, _ = llama_perplexity_klds(workdir, [candidate], model, eval_data, seq_len=seq_len,
+                                    windows=windows)[candidate.name]
     return (f"# {candidate.name}: llama-perplexity --kl-divergence mean KLD {mean} (teacher = the F32 GGUF in "
-            f"llama.cpp; it scores the second half of each 256-token chunk); our eval {ours:.5f} (teacher = PyTorch, "
-            "every position of the same windows)")
+            f"llama.cpp; it scores the second half of each {seq_len}-token chunk); our eval {ours:.5f} (teacher = "
+            "PyTorch, every position of the same windows)")
 
 
 def size_verdict(qat, ptq) -> str:
@@ -174,7 +197,7 @@ def torchao_to_plain_checkpoint(run: Path, out: Path) -> Path:
     return out
 
 
-def plot_frontier(report, path: Path, workdir: Path) -> Path:
+def plot_frontier(report, path: Path, workdir: Path, title: str | None = None) -> Path:
     """KL to the teacher against file size, one point per GGUF (log-scaled KL), llama.cpp's PTQ files, our PTQ
     starts and our QAT files apart, each group's lower envelope drawn: users choose by megabytes."""
     import matplotlib
@@ -182,7 +205,8 @@ def plot_frontier(report, path: Path, workdir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = {"llama.cpp PTQ": ("tab:gray", "o"), "ours, PTQ (step 0)": ("tab:blue", "s"), "ours, QAT": ("tab:red", "D")}
+    groups = {"llama.cpp PTQ": ("tab:gray", "o"), "ours, PTQ (step 0)": ("tab:blue", "s"),
+              "ours, QAT": ("tab:red", "D")}
     points = {g: [] for g in groups}
     for r in report.results:
         if not r.name.endswith(".gguf") or r.bits is None:
@@ -224,7 +248,7 @@ def plot_frontier(report, path: Path, workdir: Path) -> Path:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, dy), fontsize=fontsize, color=color)
     ax.set_xlabel("file size (MB)")
     ax.set_ylabel("KL to the teacher (mean, llama.cpp)")
-    ax.set_title(f"{Path(report.teacher).name}: {report.windows} x {report.seq_len} tokens of held-out text",
+    ax.set_title(f"{title or Path(report.teacher).name}: {report.windows} x {report.seq_len} tokens of held-out text",
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -242,11 +266,23 @@ def main():
     p.add_argument("--keep", action="store_true",
                    help="keep --workdir and reuse the files already built there (a long run continued)")
     p.add_argument("--model", help="the teacher to quantize, as train --model (default: the embedded model)")
+    p.add_argument("--recipe", default=str(RECIPE),
+                   help="the recipe of every run, a file or a shipped name (default: recipes/default.yaml)")
     p.add_argument("--data", nargs="+", metavar="FILE[:WEIGHT]",
                    help="its training data, as train --data (required with --model; default: the embedded samples)")
     p.add_argument("--eval-data", nargs="+", metavar="FILE",
                    help="the evaluation text, as eval --data (default: the embedded model's held-out stdlib split, "
                         "held out for any model pretrain-default builds)")
+    p.add_argument("--windows", type=int, default=64, help="evaluation windows (default 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per evaluation window (default 256)")
+    p.add_argument("--ptq", nargs="+", metavar="NAME", choices=[f[0].removesuffix(".gguf") for f in PTQ_FILES],
+                   help="the llama.cpp files to build (default: every peer of --formats). A teacher that is itself "
+                        "a llama.cpp file: leave out the files of its own lattices (round trips, not baselines)")
+    p.add_argument("--imatrix-chunks", type=int, metavar="N",
+                   help="llama-imatrix reads the first N chunks of 256 tokens of the training text (default: all of "
+                        "it; at 270M and up, all of the embedded text takes over an hour on 2 cores)")
+    p.add_argument("--llama-kld", action="store_true",
+                   help="score every .gguf by llama-perplexity --kl-divergence too (teacher: the F32 GGUF)")
     p.add_argument("--workdir", type=Path, default=Path("runs/quality"))
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--plot", type=Path, metavar="PNG", help="also draw KL against file size (GGUF rows) into PNG")
@@ -258,6 +294,9 @@ def main():
     if args.model and not args.data:
         p.error("--model needs its --data (the recipe's data is the embedded model's)")
     source = {"model": args.model, "data": args.data}  # None = the recipe's (the embedded model and samples)
+    from gemma3_qat.qat.recipes import recipe_path
+
+    recipe = recipe_path(args.recipe)
     quiet = lambda *_: None  # noqa: E731
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
@@ -265,7 +304,7 @@ def main():
     ggufs = []
 
     def run(name: str, **overrides) -> Path:
-        cfg = TrainConfig.from_recipe(RECIPE, output=str(args.workdir / name), **source, **overrides)
+        cfg = TrainConfig.from_recipe(recipe, output=str(args.workdir / name), **source, **overrides)
         return train(cfg, force=True, log=quiet)
 
     per_format = dict(item.split("=", 1) for item in args.steps if "=" in item)
@@ -281,7 +320,7 @@ def main():
         # PTQ is round-to-nearest under the runtime rule (llama-quantize's RTN Q4_0, tensor for tensor), whatever
         # the recipe starts QAT from; where the recipe starts from the imatrix search, that step 0 is a row too
         runs = [(f"ptq-{fmt}", {"steps": 0, "ptq_init": "rtn"})]
-        if TrainConfig.from_recipe(RECIPE, format=fmt).ptq_init != "rtn":
+        if TrainConfig.from_recipe(recipe, format=fmt).ptq_init != "rtn":
             runs.append((f"ptq-imatrix-{fmt}", {"steps": 0}))
             against[f"ptq-imatrix-{fmt}.gguf"] = f"ptq-{fmt}.gguf"
         for name, kw in (*runs, (f"qat-{fmt}", steps_of(fmt))):
@@ -297,7 +336,7 @@ def main():
                 print(f"built {ggufs[-1].name}", flush=True)
     if not args.no_torchao and "int4-block" in args.formats:
         formats.FORMATS["torchao-int4-g32"] = TorchaoInt4G32()  # registered for this process only
-        peer = TrainConfig.from_recipe(RECIPE, format="int4-block", **steps)  # the peer trains like int4-block
+        peer = TrainConfig.from_recipe(recipe, format="int4-block", **steps)  # the peer trains like int4-block
         # the recipe's per-format values name our formats only: the peer's lr and start are given (its own grid
         # has no Q4_0 rule to search on)
         ckpt = run("qat-torchao-int4-g32", format="torchao-int4-g32", lr=peer.lr, steps=peer.steps, ptq_init="rtn")
@@ -306,12 +345,19 @@ def main():
                                  plain_type="q4_0", force=True, log=None).path)
         print(f"built {ggufs[-1].name}", flush=True)
         against[ggufs[-1].name] = "ptq-int4-block.gguf"  # the same Q4_0 file format
-    ptq = [] if args.no_ptq_baselines else build_ptq_baselines(args.workdir, args.formats, source)
-    report = evaluate(ggufs + ptq, teacher=args.model, data=args.eval_data, max_windows=64, log=quiet)
+    ptq = [] if args.no_ptq_baselines else build_ptq_baselines(
+        args.workdir, wanted_ptq_files(args.formats, recipe, args.ptq), source, recipe, args.imatrix_chunks)
+    report = evaluate(ggufs + ptq, teacher=args.model, data=args.eval_data, seq_len=args.seq_len,
+                      max_windows=args.windows, log=quiet)
     by_name = {r.name: r for r in report.results}
-    rtn = by_name.get("llama-q4_0.gguf")
-    if rtn is not None:  # llama.cpp's files against its RTN Q4_0
-        against.update({name: rtn.name for name in INT4_PEERS - {rtn.name}})
+    rtn_e4 = by_name.get("llama-q4_0-e4.gguf")
+    for base in ("llama-q4_0.gguf", "llama-q4_0-e4.gguf"):  # llama.cpp's files against its RTN Q4_0, embedding alike
+        if base in by_name:
+            alike = {n for n in INT4_PEERS - {base} if n.endswith("-e4.gguf") == base.endswith("-e4.gguf")}
+            against.update(dict.fromkeys(alike, base))
+    # our int4-block QAT file against the RTN file whose embedding is like its own (Q4_0 where the recipe trains it)
+    e4 = rtn_e4 is not None and TrainConfig.from_recipe(recipe, format="int4-block").quantize_embeddings
+    rtn = rtn_e4 if e4 else by_name.get("llama-q4_0.gguf")
     for r in report.results:
         if r.name.startswith("llama-"):
             r.format = "llama.cpp PTQ"
@@ -326,21 +372,38 @@ def main():
                key=lambda r: r.kl_mean, default=None)
     for r in report.results:
         if best is not None and r.name.startswith("qat-int4"):
-            vs_rtn = f"recovers {100 * (1 - r.kl_mean / rtn.kl_mean):.0f}% of llama.cpp RTN Q4_0's KL; " if rtn else ""
-            print(f"# {r.name}: KL {r.kl_mean:.5f}: {vs_rtn}{100 * (1 - r.kl_mean / best.kl_mean):.0f}% below the "
-                  f"best llama.cpp PTQ file ({best.name}, KL {best.kl_mean:.5f}, {best.bits[0]:.2f} bits/weight)")
+            what = "llama.cpp RTN Q4_0's KL" + (" (the embedding Q4_0 too)" if rtn is rtn_e4 else "")
+            vs_rtn = f"recovers {100 * (1 - r.kl_mean / rtn.kl_mean):.0f}% of {what}; " if rtn else ""
+            vs_best = (f"{100 * (1 - r.kl_mean / best.kl_mean):.0f}% below" if r.kl_mean <= best.kl_mean else
+                       f"{r.kl_mean / best.kl_mean:.2f}x the KL of")
+            print(f"# {r.name}: KL {r.kl_mean:.5f}: {vs_rtn}{vs_best} the best llama.cpp PTQ file ({best.name}, KL "
+                  f"{best.kl_mean:.5f}, {best.bits[0]:.2f} bits/weight)")
             print(size_verdict(r, [p for p in report.results if p.name in INT4_PEERS]))
     k_m = by_name.get("qat-q4_k_m.gguf")
     for peer in ("llama-imatrix-q4_k_m.gguf", "llama-q4_k_m.gguf"):
         if k_m is not None and peer in by_name:
             print(f"# qat-q4_k_m.gguf: KL {k_m.kl_mean:.5f} = {k_m.kl_mean / by_name[peer].kl_mean:.2f}x {peer}'s "
                   f"({by_name[peer].kl_mean:.5f}; {k_m.bits[1]:.2f} vs {by_name[peer].bits[1]:.2f} bits/weight in all)")
+    for fmt in args.formats:  # KL against steps, on the training data's held-out rows (the run's own validation)
+        rows = [json.loads(line) for line in (args.workdir / f"qat-{fmt}" / "metrics.jsonl").read_text().splitlines()]
+        curve = ", ".join(f"{r['step']}: {r['val_kl']:.5f}" for r in rows if r.get("val_kl") is not None)
+        print(f"# qat-{fmt} validation KL by step (training domain, PyTorch student): {curve}")
     if args.plot:
-        print(f"# plot: {plot_frontier(report, args.plot, args.workdir)}")
-    if ptq:
+        title = Path(args.model).name.removesuffix(".gguf") if args.model else None
+        print(f"# plot: {plot_frontier(report, args.plot, args.workdir, title)}")
+    if args.llama_kld and (files := [g for g in ggufs + ptq if g.suffix == ".gguf"]):
+        klds = llama_perplexity_klds(args.workdir, files, args.model, args.eval_data, seq_len=args.seq_len,
+                                     windows=args.windows)
+        print(f"\n# llama-perplexity --kl-divergence against the F32 teacher GGUF ({report.windows} chunks of "
+              f"{args.seq_len} tokens, the second half of each scored)")
+        print("| file | MB | mean KLD | same top-1 |\n|---|---|---|---|")
+        for f in files:
+            print(f"| {f.name} | {f.stat().st_size / 1e6:.1f} | {klds[f.name][0]} | {klds[f.name][1]}% |")
+    elif ptq:
         check = next((p for p in ptq if "imatrix-q4_k_m" in p.name), ptq[0])
         ours = next(r.kl_mean for r in report.results if r.name == check.name)
-        print(llama_perplexity_check(args.workdir, check, ours, args.model, args.eval_data))
+        print(llama_perplexity_check(args.workdir, check, ours, args.model, args.eval_data, args.seq_len,
+                                     args.windows))
 
 
 if __name__ == "__main__":

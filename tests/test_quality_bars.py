@@ -41,3 +41,19 @@ def test_recipe_sweep_data_variants():
     names = [recipe_sweep.run_name(v, 0) for v in got]
     assert names[0] == "data=default-lr=5e-05-seed0"
     assert names[2] == "data=teacher.jsonl:0.5+text.jsonl:0.5-lr=5e-05-seed0" and len(set(names)) == 3
+
+
+def test_which_llama_cpp_files_are_built():
+    """The all-Q4_0 (``-e4``) files stand beside an int4-block run only where its recipe trains the embedding on the
+    grid; ``--ptq`` names the files outright (a teacher on a llama.cpp lattice leaves its own types out)."""
+    names = lambda files: [f[0] for f in files]  # noqa: E731
+    recipes = quality.RECIPE.parent
+    default = names(quality.wanted_ptq_files(["int4-block"], recipes / "default.yaml"))  # embedding stays Q8_0
+    assert "llama-q4_0.gguf" in default and not any(n.endswith("-e4.gguf") for n in default)
+    cpu = names(quality.wanted_ptq_files(["int4-block"], recipes / "gemma3-270m-cpu.yaml"))
+    assert {"llama-q4_0-e4.gguf", "llama-imatrix-q4_0-e4.gguf"} <= set(cpu)
+    k_m = names(quality.wanted_ptq_files(["q4_k_m"], recipes / "gemma3-270m-cpu.yaml"))
+    assert k_m == ["llama-q4_k_m.gguf", "llama-imatrix-q4_k_m.gguf"]
+    chosen = quality.wanted_ptq_files(["int4-block"], recipes / "default.yaml", ["llama-q4_0", "llama-imatrix-q4_0-e4"])
+    assert names(chosen) == ["llama-q4_0.gguf", "llama-imatrix-q4_0-e4.gguf"]
+    assert [f[3] for f in chosen] == ["q8_0", "q4_0"]  # the token-embedding type llama-quantize is given
