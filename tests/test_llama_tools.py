@@ -55,8 +55,12 @@ def test_ptq_baselines_build_with_an_imatrix(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import quality
 
-    files = {p.name: p for p in quality.build_ptq_baselines(tmp_path, ["int4-block"])}
-    assert set(files) == {f[0] for f in quality.PTQ_FILES if "int4-block" in f[4]}
+    peers = [f[0].removesuffix(".gguf") for f in quality.PTQ_FILES if "int4-block" in f[4]]  # the -e4 ones too
+    files = {p.name: p for p in quality.build_ptq_baselines(
+        tmp_path, quality.wanted_ptq_files(["int4-block"], quality.RECIPE, peers))}
+    assert set(files) == {f"{name}.gguf" for name in peers}
+    assert tensors(files["llama-q4_0.gguf"])["token_embd.weight"][0] == "Q8_0"  # as our default exports it
+    assert tensors(files["llama-imatrix-q4_0-e4.gguf"])["token_embd.weight"][0] == "Q4_0"  # all-Q4_0
     assert (tmp_path / "calibration.txt").stat().st_size > 100_000  # the training rows, not a sample
     rtn, weighted = tensors(files["llama-q4_0.gguf"]), tensors(files["llama-imatrix-q4_0.gguf"])
     assert rtn["blk.0.attn_q.weight"][0] == weighted["blk.0.attn_q.weight"][0] == "Q4_0"
