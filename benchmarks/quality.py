@@ -68,12 +68,17 @@ def calibration_text(out: Path, source: dict | None = None, recipe: Path = RECIP
     return out
 
 
+def trains_embedding_on_grid(recipe: Path) -> bool:
+    """Whether the recipe's int4-block run quantizes the tied embedding (its llama.cpp peers are then ``-e4``)."""
+    return TrainConfig.from_recipe(recipe, format="int4-block").quantize_embeddings
+
+
 def wanted_ptq_files(fmts: list[str], recipe: Path, names: list[str] | None = None) -> list[tuple]:
     """The llama.cpp files to build: ``names`` (``--ptq``), else every peer of ``fmts``, the all-Q4_0 (``-e4``)
     ones only where the recipe trains int4-block's embedding on the grid."""
     if names is not None:
         return [f for f in PTQ_FILES if f[0].removesuffix(".gguf") in names]
-    e4 = "int4-block" in fmts and TrainConfig.from_recipe(recipe, format="int4-block").quantize_embeddings
+    e4 = "int4-block" in fmts and trains_embedding_on_grid(recipe)
     return [f for f in PTQ_FILES if set(f[4]) & set(fmts) and (e4 or not f[0].endswith("-e4.gguf"))]
 
 
@@ -356,8 +361,7 @@ def main():
             alike = {n for n in INT4_PEERS - {base} if n.endswith("-e4.gguf") == base.endswith("-e4.gguf")}
             against.update(dict.fromkeys(alike, base))
     # our int4-block QAT file against the RTN file whose embedding is like its own (Q4_0 where the recipe trains it)
-    e4 = rtn_e4 is not None and TrainConfig.from_recipe(recipe, format="int4-block").quantize_embeddings
-    rtn = rtn_e4 if e4 else by_name.get("llama-q4_0.gguf")
+    rtn = rtn_e4 if rtn_e4 is not None and trains_embedding_on_grid(recipe) else by_name.get("llama-q4_0.gguf")
     for r in report.results:
         if r.name.startswith("llama-"):
             r.format = "llama.cpp PTQ"

@@ -53,8 +53,9 @@ def test_output_is_a_qat_checkpoint_with_metrics(tiny_text_dir, sample_data, tmp
     assert len(meta.quantized_modules) == 44 and "lm_head" in meta.quantized_modules
     assert {"val_kl", "val_top1", "val_ppl", "ptq_val_kl"} <= set(meta.metrics)
     from gemma3_qat.qat.precision import choose_precision
+    from gemma3_qat.sources import source_architecture
 
-    hidden = json.loads((tiny_text_dir / "config.json").read_text()).get("hidden_size")
+    hidden = source_architecture(str(tiny_text_dir)).hidden
     assert meta.precision == choose_precision("auto", cuda=torch.cuda.is_available(), hidden=hidden).mode  # as resolved
     for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json", "train-config.yaml"):
         assert (out / name).exists(), name
