@@ -29,6 +29,16 @@ def test_size_verdict_holds_and_misses():
     assert "MISSED, lower KL in q4_k_m.gguf" in worse
 
 
+def test_size_verdict_compares_whole_files():
+    """Peers by the whole file's bits: at 270M an all-Q4_0 file and one with a Q8_0 embedding have the same matmul
+    bits, and the second is half as big again, so it is only named."""
+    qat = SimpleNamespace(name="qat.gguf", bits=[4.5, 4.7], kl_mean=0.23)
+    ptq = [SimpleNamespace(name="imatrix-e4.gguf", bits=[4.5, 4.7], kl_mean=0.34),
+           SimpleNamespace(name="iq4_nl.gguf", bits=[4.5, 7.2], kl_mean=0.09)]
+    text = quality.size_verdict(qat, ptq)
+    assert "0.68x the KL of imatrix-e4.gguf" in text and "not compared: iq4_nl.gguf 7.20" in text
+
+
 def test_recipe_sweep_data_variants():
     """``--set data=...``: ``default`` is the embedded sample data (an empty list), ``+`` joins the sources of one
     variant, and the run names stay short and distinct."""
