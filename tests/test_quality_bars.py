@@ -19,11 +19,11 @@ def test_size_verdict_holds_and_misses():
     ptq = [row("q4_0.gguf", 4.5, 0.014), row("iq4_nl.gguf", 4.53, 0.0086), row("q4_k_m.gguf", 4.68, 0.0091),
            row("q5_0-fallback.gguf", 5.5, 0.001)]
     text = quality.size_verdict(qat, ptq)
-    # the closest file of its size is IQ4_NL (within 2% of the bits), 0.58x; Q4_K_M is within 10% and has more KL;
-    # the 5.5-bit file is too big to be a peer and is only named
+    # the closest file of its size is IQ4_NL (within 2% of the whole-file bits), 0.58x; Q4_K_M is within 10% and has more KL;
+    # the 6.7-bit file is too big to be a peer and is only named
     assert "0.58x the KL of iq4_nl.gguf" in text and "bar 0.6x: holds" in text
     assert "1 PTQ file up to 10% bigger: none has less KL (holds)" in text
-    assert "not compared: q5_0-fallback.gguf 5.50" in text and "MISSED" not in text
+    assert "not compared: q5_0-fallback.gguf 6.70" in text and "MISSED" not in text
     worse = quality.size_verdict(row("qat.gguf", 4.5, 0.0095), ptq)
     assert "1.10x the KL of iq4_nl.gguf" in worse and "bar 0.6x: MISSED" in worse
     assert "MISSED, lower KL in q4_k_m.gguf" in worse
