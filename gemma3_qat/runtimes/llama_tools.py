@@ -82,14 +82,18 @@ def imatrix(model: Path, text: Path, out: Path, *, ctx: int = 256, chunks: int |
 
 
 def quantize(model: Path, out: Path, qtype: str, *, imatrix_file: Path | None = None,
-             embedding_type: str | None = None) -> Path:
+             embedding_type: str | None = None, tensor_types: dict[str, str] | None = None,
+             pure: bool = False) -> Path:
     """``llama-quantize model out TYPE`` (TYPE as llama.cpp names it: Q4_0, Q4_K_M, IQ4_NL ...), optionally
-    imatrix-weighted and with the token embedding's type set (``--token-embedding-type``)."""
-    args: list = []
+    imatrix-weighted, with the token embedding's type set (``--token-embedding-type``), types per tensor name
+    (``--tensor-type attn_v=f32``) and ``--pure`` (TYPE for every other matmul, no mixture)."""
+    args: list = ["--pure"] if pure else []
     if imatrix_file is not None:
         args += ["--imatrix", imatrix_file]
     if embedding_type is not None:
         args += ["--token-embedding-type", embedding_type]
+    for name, kind in (tensor_types or {}).items():
+        args += ["--tensor-type", f"{name}={kind}"]
     _run("llama-quantize", *args, model, out, qtype, THREADS)
     return out
 
